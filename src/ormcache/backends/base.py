@@ -1,0 +1,123 @@
+"""The backend seam: a small bytes-level store that also keeps the consistency protocol.
+
+A backend knows nothing of SQLAlchemy or of the codec. It stores opaque payloads under
+entry keys, and keeps one *generation* counter per tag (a tag names something an entry
+was computed from: a table, a row, an equality partition, or the whole namespace).
+
+Why the protocol lives in the backend: every step that must be atomic (check the
+generations and return the payload; compare-and-set a store against a snapshot; take a
+lease and bump) has to run as one operation inside the store, e.g. one Lua script on
+Redis, or under one lock in process memory.
+
+The guarantees every backend gives (``ormcache.testing`` checks them):
+
+* ``get`` returns a payload only while every generation recorded with the entry is still
+  current. A tag whose generation key vanished (eviction, FLUSHALL, restart) is re-created
+  with a fresh random value, so a vanished generation can never make an old entry valid.
+* ``snapshot`` reads the current generations *before* the caller reads the database, and
+  returns ``None`` while any of the tags is under a live write lease.
+* ``set`` is a compare-and-set: it stores only if every tag still has the snapshot's
+  generation and none is leased. A value computed from a read that began before a
+  commit therefore can never be stored as current.
+* ``acquire_lease`` bumps the tags and leases them (before COMMIT); ``release_lease``
+  bumps them again and drops the lease (after COMMIT). A lease expires by itself, so a
+  crashed writer blocks stores on its tags only for ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["AsyncBackend", "Backend", "Snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The generations of some tags, read before a database read.
+
+    ``tags`` and ``gens`` are parallel tuples; tags are unique and sorted.
+    """
+
+    tags: tuple[str, ...]
+    gens: tuple[int, ...]
+
+    def merge(self, other: Snapshot) -> Snapshot | None:
+        """Union of two snapshots, or ``None`` if they disagree on a tag.
+
+        A disagreement means a commit happened between the two reads, so a value built
+        from both must not be stored.
+        """
+        combined = dict(zip(self.tags, self.gens))
+        for tag, gen in zip(other.tags, other.gens):
+            if combined.setdefault(tag, gen) != gen:
+                return None
+        tags = tuple(sorted(combined))
+        return Snapshot(tags, tuple(combined[t] for t in tags))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Synchronous backend. Every method may raise ``BackendError`` (and only that)."""
+
+    def get(self, key: str) -> bytes | None:
+        """The payload stored under ``key`` if present, unexpired and still current."""
+        ...
+
+    def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
+        """Current generations of ``tags`` (creating missing ones), or None if leased."""
+        ...
+
+    def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
+        """Store iff ``snapshot`` is still current and unleased; True if stored."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove entries (not generations)."""
+        ...
+
+    def bump(self, tags: Sequence[str]) -> None:
+        """Advance the generations of ``tags``, invalidating every entry that read them."""
+        ...
+
+    def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        """Bump ``tags`` and lease them for at most ``ttl`` seconds (before COMMIT)."""
+        ...
+
+    def release_lease(self, tags: Sequence[str], token: str) -> None:
+        """Bump ``tags`` again and drop this token's lease (after COMMIT or rollback)."""
+        ...
+
+    def clear(self) -> None:
+        """Drop every entry and generation in this backend's namespace."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the backend is not used afterwards."""
+        ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """The asyncio twin of :class:`Backend`, with the same semantics."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def snapshot(self, tags: Sequence[str]) -> Snapshot | None: ...
+
+    async def set(
+        self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot
+    ) -> bool: ...
+
+    async def delete(self, keys: Sequence[str]) -> None: ...
+
+    async def bump(self, tags: Sequence[str]) -> None: ...
+
+    async def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None: ...
+
+    async def release_lease(self, tags: Sequence[str], token: str) -> None: ...
+
+    async def clear(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,59 @@
+"""The exceptions ormcache raises, all under one root.
+
+::
+
+    OrmCacheError                 catch-all for anything ormcache raises on purpose
+    ├── ConfigurationError        a bad URL, option or combination, found at construction
+    ├── UncacheableValueError     strict mode: a value (or argument) the codec cannot store
+    └── BackendError              the cache backend failed (never escapes a cached call)
+        └── CorruptPayloadError   bytes that are not a payload we wrote: a miss, never a crash
+
+Only ``OrmCacheError`` and ``UncacheableValueError`` are part of the top-level API. A
+cached call never raises ``BackendError``: the cache degrades to calling through, and the
+error is counted in ``Cache.stats()``. It exists so the internals can say precisely what
+failed, and so backends can translate their driver's errors (``raise ... from exc``)
+instead of leaking them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigurationError",
+    "CorruptPayloadError",
+    "OrmCacheError",
+    "UncacheableValueError",
+]
+
+
+class OrmCacheError(Exception):
+    """Root of every error ormcache raises deliberately."""
+
+
+class ConfigurationError(OrmCacheError, ValueError):
+    """The cache was configured in a way that cannot work; the message says how to fix it."""
+
+
+class UncacheableValueError(OrmCacheError, TypeError):
+    """A value cannot be stored faithfully, so storing it would break "a hit equals a miss".
+
+    ``path`` locates the offending part inside the value, e.g.
+    ``value['_sa_instance_state']``, so the fix can go exactly there.
+    """
+
+    def __init__(self, message: str, *, path: str = "value") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BackendError(OrmCacheError):
+    """The cache backend could not be reached or answered with an error."""
+
+
+class CorruptPayloadError(BackendError):
+    """Bytes under a cache key that this codec did not write, or cannot trust.
+
+    Raised by the codec for garbage, truncated or foreign (e.g. pickle) data, a bad
+    signature, an unknown mapper or a changed schema. The cache turns it into a miss,
+    counts it and deletes the key.
+    """
