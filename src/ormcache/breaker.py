@@ -1,0 +1,69 @@
+"""A circuit breaker, so a dead or hanging backend costs one timeout, not one per call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["CircuitBreaker"]
+
+
+class CircuitBreaker:
+    """Closed → open after ``threshold`` consecutive failures → half-open after ``cooldown``.
+
+    While open, callers skip the backend entirely and go straight to the database, so a
+    backend that hangs until its read timeout cannot add that timeout to every request.
+    After the cool-down one caller probes; success closes the breaker, failure re-opens it.
+    """
+
+    __slots__ = ("_clock", "_failures", "_lock", "_opened_at", "_probing", "cooldown", "threshold")
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 3,
+        cooldown: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """True if the caller may use the backend now."""
+        if self._opened_at is None:
+            return True
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._probing or self._clock() - self._opened_at < self.cooldown:
+                return False
+            # Exactly one caller probes a half-open breaker.
+            self._probing = True
+            return True
+
+    def success(self) -> None:
+        if self._failures or self._opened_at is not None:
+            with self._lock:
+                self._failures = 0
+                self._opened_at = None
+                self._probing = False
+
+    def failure(self) -> bool:
+        """Record a failure; True if this failure opened (or re-opened) the breaker."""
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            if self._failures >= self.threshold:
+                self._opened_at = self._clock()
+                return True
+            return False

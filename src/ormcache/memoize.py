@@ -1,0 +1,166 @@
+"""``@cache.memoize``: cache any function's result, invalidated by the data it read.
+
+A miss runs the function inside a :class:`~ormcache.protocol.ReadContext`: every query it
+executes (when the cache is attached to the session or engine) records the generations of
+what it read, *before* reading. The result is stored with a compare-and-set against those
+generations, so a result computed from data that a concurrent commit changed is never
+stored as current.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .errors import CorruptPayloadError, UncacheableValueError
+from .keys import ArgumentKeyer, function_prefix
+from .protocol import NAMESPACE_TAG, ReadContext, active_reads, pending_write_tags, pop_reads, push_reads
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .cache import Cache
+
+__all__ = ["Memoized"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("ormcache")
+
+#: ``merge=`` accepts True (the session the cache is attached to, if it is a
+#: ``scoped_session``) or a callable returning the session to merge hits into.
+MergeTarget = bool | Callable[[], "Session | None"]
+
+
+class Memoized(Generic[P, R]):
+    """The memoized function: call it as the original; it also has ``invalidate``."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        fn: Callable[P, R],
+        *,
+        ttl: float | None,
+        strict: bool,
+        merge: MergeTarget,
+        ignore: Collection[str],
+        version: str | int | None,
+    ) -> None:
+        self._cache = cache
+        self._fn = fn
+        self.ttl = ttl
+        self.strict = strict
+        self._merge = merge
+        self.prefix = function_prefix(fn, version)
+        self._ignore = tuple(ignore)
+        self._keyer = ArgumentKeyer(fn, self.prefix, cache.codec, ignore)
+        self._warned_uncacheable = False
+        functools.update_wrapper(self, fn)
+
+    # -- public -----------------------------------------------------------------------
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        cache = self._cache
+        try:
+            key = self._keyer(args, kwargs)
+        except UncacheableValueError as exc:
+            return self._uncacheable(exc, args, kwargs)
+
+        # Inside another memoized computation the outer one must see every read this
+        # call makes, and inside a transaction with uncommitted writes the cache may hold
+        # data older than those writes: in both cases compute instead of looking up.
+        if active_reads() or pending_write_tags():
+            cache.stats.incr("bypasses")
+        else:
+            data = cache.guard.get(key)
+            if data is not None:
+                try:
+                    value = cache.codec.decode(data)
+                except CorruptPayloadError as exc:
+                    cache.stats.incr("corrupt")
+                    cache.guard.log.warning(
+                        "corrupt", "ormcache: dropped an undecodable entry of %s: %s",
+                        self.prefix, exc,
+                    )
+                    cache.guard.delete([key])
+                else:
+                    cache.stats.incr("hits")
+                    return self._deliver(value)  # type: ignore[no-any-return]
+            cache.stats.incr("misses")
+        return self._compute(key, args, kwargs)
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the entry for these arguments (the same binding rules as a call)."""
+        self._cache.guard.delete([self._keyer(args, kwargs)])
+        self._cache.stats.incr("invalidations")
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The backend key for these arguments; argument values appear only hashed."""
+        return self._keyer(args, kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable[P, R]:
+        return self._fn
+
+    def rebind(self) -> None:
+        """Pick up a reconfigured cache's codec (``init_app`` after decoration)."""
+        self._keyer = ArgumentKeyer(self._fn, self.prefix, self._cache.codec, self._ignore)
+
+    # -- internals --------------------------------------------------------------------
+    def _compute(self, key: str, args: Any, kwargs: Any) -> R:
+        cache = self._cache
+        ctx = ReadContext()
+        # Read before anything the function reads: a clear() or an untracked write that
+        # lands while it runs must fail the store below.
+        ctx.record(cache.guard.snapshot([NAMESPACE_TAG]), "the namespace check")
+        token = push_reads(ctx)
+        try:
+            value = self._fn(*args, **kwargs)
+        finally:
+            pop_reads(token)
+        if pending_write_tags():
+            ctx.forbid("the transaction has uncommitted writes")
+        if not ctx.storable or ctx.snapshot is None:
+            return value
+
+        instances: list[object] = []
+        try:
+            payload = cache.codec.encode(value, on_instance=instances.append)
+        except UncacheableValueError as exc:
+            self._report_uncacheable(exc)
+            return value
+        if instances and cache.tracks_loads:
+            stale = cache.stale_instance(instances, ctx)
+            if stale is not None:
+                cache.stats.incr("bypasses")
+                logger.debug(
+                    "ormcache: not storing %s: %s came from the identity map, loaded "
+                    "before this call, so it may predate the snapshot",
+                    self.prefix, stale,
+                )
+                return value
+        cache.guard.store(key, payload, self.ttl, ctx.snapshot)
+        return value
+
+    def _deliver(self, value: object) -> object:
+        if self._merge is False:
+            return value
+        return self._cache.merge_hit(value, self._merge)
+
+    def _uncacheable(self, exc: UncacheableValueError, args: Any, kwargs: Any) -> R:
+        self._report_uncacheable(exc)
+        return self._fn(*args, **kwargs)
+
+    def _report_uncacheable(self, exc: UncacheableValueError) -> None:
+        self._cache.stats.incr("uncacheable")
+        if self.strict:
+            raise exc
+        if not self._warned_uncacheable:
+            self._warned_uncacheable = True
+            logger.warning(
+                "ormcache: %s returned a value that cannot be cached, so it is served "
+                "uncached (logged once per function): %s",
+                self.prefix, exc,
+            )

@@ -1,0 +1,683 @@
+"""SQLAlchemy integration: what a session reads and writes, turned into tags.
+
+Reads: every statement executed inside a memoized computation records a snapshot of its
+tags *before* it runs (``do_orm_execute``), and instances loaded meanwhile are noted so a
+result built from older identity-map objects is not stored.
+
+Writes: flushes, ORM bulk DML, Core DML and ``text()`` DML add tags to the transaction.
+Before COMMIT the session takes a write lease on them (which bumps them), and after COMMIT
+it bumps them again and releases, all before ``commit()`` returns.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, event, inspect
+from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import UserDefinedOption
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, sessionmaker
+from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
+from sqlalchemy.sql.operators import and_, eq
+from sqlalchemy.sql.schema import Column
+from sqlalchemy.sql.util import find_tables
+
+from .errors import ConfigurationError, CorruptPayloadError, UncacheableValueError
+from .keys import hash_bytes
+from .protocol import (
+    NAMESPACE_TAG,
+    active_reads,
+    pending_write_tags,
+    set_pending_write_tags,
+)
+from .tags import any_partition_tag, instance_tags, partition_columns, partition_tag, table_tag
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+__all__ = ["FromCache", "attach", "merge_value", "statement_read_tags"]
+
+_INFO_KEY = "ormcache.tx"
+
+
+# -- reads --------------------------------------------------------------------------
+def _eq_terms(where: Any) -> Iterable[tuple[Column[Any], BindParameter[Any]]]:
+    """``column = :param`` terms of a top-level AND; anything else is ignored (the
+    statement is then tagged by whole tables, which is always safe)."""
+    if where is None:
+        return
+    if isinstance(where, BooleanClauseList) and where.operator is and_:
+        for clause in where.clauses:
+            yield from _eq_terms(clause)
+    elif isinstance(where, BinaryExpression) and where.operator is eq:
+        left, right = where.left, where.right
+        if isinstance(right, Column) and isinstance(left, BindParameter):
+            left, right = right, left
+        if isinstance(left, Column) and isinstance(right, BindParameter):
+            yield left, right
+
+
+def _bind_value(bind: BindParameter[Any], params: dict[str, Any] | None) -> object:
+    if params and bind.key in params:
+        return params[bind.key]
+    return bind.effective_value
+
+
+def _mapper_closure(mapper: Mapper[Any], eager_only: bool) -> set[Table]:
+    """Tables a load of ``mapper`` may read in the same statement (eager joins)."""
+    seen: set[Mapper[Any]] = set()
+    tables: set[Table] = set()
+    stack = [mapper]
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        tables.update(t for t in m.tables if isinstance(t, Table))
+        for rel in m.relationships:
+            if eager_only and rel.lazy not in ("joined", "subquery"):
+                continue
+            if rel.secondary is not None and isinstance(rel.secondary, Table):
+                tables.add(rel.secondary)
+            stack.append(rel.mapper)
+    return tables
+
+
+def _option_tables(stmt: Any) -> set[Table] | None:
+    """Tables named by loader options (``joinedload`` and friends), or None if unsure."""
+    tables: set[Table] = set()
+    for opt in getattr(stmt, "_with_options", ()):
+        if getattr(opt, "_is_ormcache", False):
+            continue
+        context = getattr(opt, "context", None)
+        if context is None:
+            if getattr(opt, "_is_criteria_option", False) or getattr(
+                opt, "_is_compile_state", False
+            ):
+                continue
+            return None
+        for element in context:
+            path = getattr(getattr(element, "path", None), "path", ())
+            for entry in path:
+                if isinstance(entry, Mapper):
+                    tables.update(_mapper_closure(entry, eager_only=True))
+                elif hasattr(entry, "mapper") and isinstance(entry.mapper, Mapper):
+                    tables.update(_mapper_closure(entry.mapper, eager_only=True))
+    return tables
+
+
+def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[str] | None:
+    """The tags a SELECT depends on, or None when its reads cannot be bounded.
+
+    The primary table of a single-entity select with ``column = value`` on a primary key,
+    unique or indexed column is tagged by that partition; every other table it touches
+    (joins, eager loads, inheritance) by the whole table.
+    """
+    if isinstance(stmt, TextClause):
+        names = _TEXT_READ_TABLES.findall(stmt.text)
+        if not names:
+            return None
+        return {f"t:{_unquote(n)}" for n in names}
+    if not isinstance(stmt, Select):
+        return None
+    tables: set[Table] = {t for t in find_tables(stmt, include_crud=True) if isinstance(t, Table)}
+    for desc in stmt.column_descriptions:
+        entity = desc.get("entity")
+        mapper = inspect(entity, raiseerr=False) if entity is not None else None
+        if isinstance(mapper, Mapper):
+            tables.update(_mapper_closure(mapper, eager_only=True))
+    extra = _option_tables(stmt)
+    if extra is None:
+        return None
+    tables.update(extra)
+    if not tables:
+        return set()
+
+    partition: dict[Table, str] = {}
+    for column, bind in _eq_terms(stmt.whereclause):
+        table = column.table
+        if not isinstance(table, Table) or table in partition:
+            continue
+        if column not in partition_columns(table):
+            continue
+        tag = partition_tag(table, column, _bind_value(bind, params))
+        if tag is not None:
+            partition[table] = tag
+    out: set[str] = set()
+    for table in tables:
+        if table in partition:
+            out.add(partition[table])
+            out.add(any_partition_tag(table))
+        else:
+            out.add(table_tag(table))
+    return out
+
+
+_TEXT_READ_TABLES = re.compile(r"\b(?:from|join)\s+([`\"\[]?[\w.]+[`\"\]]?)", re.IGNORECASE)
+_TEXT_WRITE_TABLES = re.compile(
+    r"\b(?:insert\s+(?:ignore\s+)?into|replace\s+into|update|delete\s+from|truncate(?:\s+table)?|"
+    r"merge\s+into)\s+([`\"\[]?[\w.]+[`\"\]]?)",
+    re.IGNORECASE,
+)
+_TEXT_IS_READ = re.compile(r"^\s*(select|with|values|show|explain)\b", re.IGNORECASE)
+
+
+def _unquote(name: str) -> str:
+    return name.strip('`"[]')
+
+
+def text_write_tags(text: str) -> set[str]:
+    """Tables a textual DML names; the whole namespace when none can be found."""
+    names = _TEXT_WRITE_TABLES.findall(text)
+    if not names:
+        return {NAMESPACE_TAG}
+    return {t for n in names for t in (f"t:{_unquote(n)}", f"a:{_unquote(n)}")}
+
+
+def dml_write_tags(stmt: Any) -> set[str]:
+    table = getattr(stmt, "table", None)
+    tables: set[Table] = set()
+    if isinstance(table, Table):
+        tables.add(table)
+    entity = getattr(stmt, "entity_description", None)
+    if entity:
+        mapper = inspect(entity.get("entity"), raiseerr=False)
+        if isinstance(mapper, Mapper):
+            tables.update(t for t in mapper.tables if isinstance(t, Table))
+    if not tables:
+        return {NAMESPACE_TAG}
+    return {tag for t in tables for tag in (table_tag(t), any_partition_tag(t))}
+
+
+def _record_read(cache: Cache, tags: set[str] | None, what: str) -> None:
+    contexts = active_reads()
+    if not contexts:
+        return
+    if tags is None:
+        for ctx in contexts:
+            ctx.forbid(f"{what} reads tables ormcache cannot determine")
+        return
+    snap = cache.guard.snapshot(sorted(tags | {NAMESPACE_TAG}))
+    for ctx in contexts:
+        ctx.record(snap, what)
+
+
+# -- load tracking ------------------------------------------------------------------
+_load_listeners_installed = False
+_load_lock = threading.Lock()
+
+
+def _on_load(target: object, *_: object) -> None:
+    contexts = active_reads()
+    if contexts:
+        state = inspect(target)
+        for ctx in contexts:
+            ctx.loaded.add(state)
+
+
+def _install_load_listeners() -> None:
+    global _load_listeners_installed
+    with _load_lock:
+        if _load_listeners_installed:
+            return
+        for name in ("load", "refresh", "refresh_flush"):
+            event.listen(Mapper, name, _on_load)
+        _load_listeners_installed = True
+
+
+# -- writes -------------------------------------------------------------------------
+class _Tx:
+    """Per-session transaction bookkeeping: tags written, and the lease if taken."""
+
+    __slots__ = ("lease_tags", "statements", "token", "written")
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.written: set[str] = set()
+        self.token: str | None = None
+        self.lease_tags: set[str] = set()
+
+
+def _tx(session: Session) -> _Tx:
+    tx = session.info.get(_INFO_KEY)
+    if tx is None:
+        tx = session.info[_INFO_KEY] = _Tx()
+    return tx  # type: ignore[no-any-return]
+
+
+def _publish_pending(session: Session, tags: set[str]) -> None:
+    """Make this context's reads of ``tags`` bypass the cache until commit/rollback."""
+    current = pending_write_tags()
+    if not tags <= current:
+        set_pending_write_tags(current | tags)
+
+
+def _withdraw_pending(session: Session) -> None:
+    set_pending_write_tags(frozenset())
+
+
+def _flush_tags(session: Session) -> set[str]:
+    out: set[str] = set()
+    for obj in session.new:
+        out |= instance_tags(obj)
+    for obj in session.deleted:
+        out |= instance_tags(obj)
+    for obj in session.dirty:
+        state: Any = inspect(obj)
+        if not state.modified:
+            continue
+        out |= instance_tags(obj)
+        old: dict[str, object] = {}
+        for attr in state.attrs:
+            hist = attr.load_history()
+            if hist.deleted:
+                old[attr.key] = hist.deleted[0]
+        if old:
+            out |= instance_tags(obj, values=old)
+        for rel in state.mapper.relationships:
+            if rel.secondary is not None and isinstance(rel.secondary, Table):
+                if state.attrs[rel.key].history.has_changes():
+                    out |= {table_tag(rel.secondary), any_partition_tag(rel.secondary)}
+    return out
+
+
+def _attach_session(cache: Cache, target: Any) -> None:
+    def written(session: Session, tags: set[str]) -> None:
+        if not tags:
+            return
+        tx = _tx(session)
+        new = tags - tx.written
+        tx.written |= tags
+        _publish_pending(session, tx.written)
+        # A flush after the lease was taken (commit's own flush loop) must be leased too.
+        if tx.token is not None and new:
+            cache.guard.acquire_lease(sorted(new), tx.token, cache.lease_ttl)
+            tx.lease_tags |= new
+
+    @event.listens_for(target, "after_flush")
+    def after_flush(session: Session, flush_context: Any) -> None:
+        written(session, _flush_tags(session))
+        _tx(session).statements += 1
+
+    @event.listens_for(target, "after_begin")
+    def after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+        if transaction.parent is None:
+            _tx(session).statements = 0
+
+    @event.listens_for(target, "do_orm_execute")
+    def do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
+        stmt = state.statement
+        if state.is_select:
+            option = _from_cache_option(state)
+            if option is not None and (option.cache is None or option.cache is cache):
+                return _execute_from_cache(cache, state, option)
+            if active_reads():
+                tags = statement_read_tags(stmt, dict(state.parameters or {}))
+                if not _snapshot_is_fresh(state):
+                    for ctx in active_reads():
+                        ctx.forbid("a query read an older REPEATABLE READ snapshot")
+                _record_read(cache, tags, "a query")
+                _tx(state.session).statements += 1
+            return None
+        if state.is_insert or state.is_update or state.is_delete:
+            written(state.session, dml_write_tags(stmt))
+        elif isinstance(stmt, TextClause):
+            if _TEXT_IS_READ.match(stmt.text):
+                if active_reads():
+                    _record_read(cache, statement_read_tags(stmt), "a text() query")
+            else:
+                written(state.session, text_write_tags(stmt.text))
+        return None
+
+    @event.listens_for(target, "before_commit")
+    def before_commit(session: Session) -> None:
+        if session.in_nested_transaction():
+            return
+        # Flush now so every tag of this transaction is known before the lease.
+        session.flush()
+        tx = _tx(session)
+        if tx.written and tx.token is None:
+            tx.token = uuid.uuid4().hex
+            tx.lease_tags = set(tx.written)
+            cache.guard.acquire_lease(sorted(tx.lease_tags), tx.token, cache.lease_ttl)
+
+    @event.listens_for(target, "after_commit")
+    def after_commit(session: Session) -> None:
+        if session.in_nested_transaction():
+            return
+        _finish(session)
+
+    @event.listens_for(target, "after_soft_rollback")
+    def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+        if previous_transaction.parent is None:
+            _finish(session)
+
+    def _finish(session: Session) -> None:
+        tx = session.info.pop(_INFO_KEY, None)
+        if tx is None:
+            return
+        _withdraw_pending(session)
+        if tx.token is not None:
+            cache.guard.release_lease(sorted(tx.lease_tags), tx.token)
+
+
+def _attach_engine(cache: Cache, engine: Engine) -> None:
+    """Core-only applications: track DML on connections of this engine.
+
+    There is no event after COMMIT on a Core connection, so the lease (with its bump) is
+    taken before COMMIT and released when the connection next begins or returns to the
+    pool; until then the leased tags are read through, never served stale.
+    """
+
+    def pending(conn: Connection) -> _Tx:
+        tx = conn.info.get(_INFO_KEY)
+        if tx is None:
+            tx = conn.info[_INFO_KEY] = _Tx()
+        return tx  # type: ignore[no-any-return]
+
+    def release(info: dict[Any, Any]) -> None:
+        tx = info.pop(_INFO_KEY, None)
+        if tx is not None and tx.token is not None:
+            cache.guard.release_lease(sorted(tx.lease_tags), tx.token)
+
+    @event.listens_for(engine, "before_execute")
+    def before_execute(
+        conn: Connection, clauseelement: Any, multiparams: Any, params: Any, options: Any
+    ) -> None:
+        if isinstance(clauseelement, (Insert, Update, Delete)):
+            tags = dml_write_tags(clauseelement)
+        elif isinstance(clauseelement, TextClause) and not _TEXT_IS_READ.match(
+            clauseelement.text
+        ):
+            tags = text_write_tags(clauseelement.text)
+        else:
+            if active_reads() and isinstance(clauseelement, (Select, TextClause)):
+                _record_read(cache, statement_read_tags(clauseelement, params or None), "a query")
+            return
+        tx = pending(conn)
+        tx.written |= tags
+
+    @event.listens_for(engine, "commit")
+    def commit(conn: Connection) -> None:
+        tx = conn.info.get(_INFO_KEY)
+        if tx is not None and tx.written and tx.token is None:
+            tx.token = uuid.uuid4().hex
+            tx.lease_tags = set(tx.written)
+            cache.guard.acquire_lease(sorted(tx.lease_tags), tx.token, cache.lease_ttl)
+
+    @event.listens_for(engine, "rollback")
+    def rollback(conn: Connection) -> None:
+        release(conn.info)
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Connection) -> None:
+        release(conn.info)
+
+    @event.listens_for(engine.pool, "checkin")
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            release(record.info)
+
+
+def attach(cache: Cache, target: object) -> None:
+    _install_load_listeners()
+    if isinstance(target, Engine):
+        _attach_engine(cache, target)
+    elif isinstance(target, (sessionmaker, scoped_session)) or (
+        isinstance(target, type) and issubclass(target, Session)
+    ):
+        _attach_session(cache, target)
+    else:
+        raise ConfigurationError(
+            f"cache.attach() takes a Session class, sessionmaker, scoped_session or Engine, "
+            f"got {target!r}"
+        )
+
+
+# -- loading cached instances into a session -----------------------------------------
+def merge_value(session: Session, value: object) -> object:
+    """Put the detached snapshot instances in ``value`` into ``session``, as a load would.
+
+    An identity already in the session wins, as it does for a database load: its loaded
+    attributes (and any pending changes) are kept and only its unloaded attributes are
+    filled from the snapshot. A new identity becomes a persistent, clean instance. No SQL
+    is emitted.
+    """
+    memo: dict[int, object] = {}
+
+    def instance(obj: object) -> object:
+        found = memo.get(id(obj))
+        if found is not None:
+            return found
+        state: Any = inspect(obj)
+        key = state.key
+        existing = session.identity_map.get(key) if key is not None else None
+        if existing is not None:
+            memo[id(obj)] = existing
+            ex_state: Any = inspect(existing)
+            for attr_key, loaded in list(state.dict.items()):
+                if attr_key in ex_state.dict:
+                    continue
+                prop = state.mapper.attrs.get(attr_key)
+                if prop is None:
+                    continue
+                set_committed_value(existing, attr_key, walk(loaded) if _is_rel(prop) else loaded)
+            return existing
+        memo[id(obj)] = obj
+        for rel in state.mapper.relationships:
+            if rel.key in state.dict:
+                set_committed_value(obj, rel.key, walk(state.dict[rel.key]))
+        if key is not None:
+            session.add(obj)
+        return obj
+
+    def walk(v: object) -> object:
+        if v is None or isinstance(v, (str, int, float, bytes)):
+            return v
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, set):
+            return {walk(x) for x in v}
+        if isinstance(v, tuple):
+            items = tuple(walk(x) for x in v)
+            return v._make(items) if hasattr(v, "_make") else items
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if hasattr(v, "_sa_instance_state"):
+            return instance(v)
+        return v
+
+    return walk(value)
+
+
+def _is_rel(prop: Any) -> bool:
+    return hasattr(prop, "direction")
+
+
+# -- FromCache ----------------------------------------------------------------------
+class FromCache(UserDefinedOption):
+    """Serve this SELECT from the cache: ``select(User).options(FromCache(ttl=60))``.
+
+    A hit runs no SQL and puts the instances into the session as a database load would.
+    Entries are tagged by what the statement reads, so commits that change it invalidate
+    it. ``cache=`` picks a cache when several are attached to the same sessions.
+    """
+
+    _is_ormcache = True
+    propagate_to_loaders = True
+
+    def __init__(self, ttl: float | None = None, *, cache: Cache | None = None) -> None:
+        if ttl is not None and ttl <= 0:
+            raise ConfigurationError(f"FromCache ttl must be positive seconds, got {ttl!r}")
+        super().__init__(None)
+        self.ttl = ttl
+        self.cache = cache
+
+    def _gen_cache_key(self, anon_map: Any, bindparams: Any) -> tuple[Any, ...]:
+        return ()
+
+
+def _from_cache_option(state: ORMExecuteState) -> FromCache | None:
+    for opt in state.user_defined_options:
+        if isinstance(opt, FromCache):
+            return opt
+    return None
+
+
+_plans: dict[Any, str] = {}
+_PLAN_LIMIT = 2048
+
+
+def _statement_key(state: ORMExecuteState) -> str | None:
+    """A key stable across processes: hashed SQL text and loader options, plus the values.
+
+    The SQL is compiled once per statement shape and process (keyed by SQLAlchemy's own
+    cache key), never on the hit path.
+    """
+    stmt: Any = state.statement
+    ck = stmt._generate_cache_key()
+    if ck is None:
+        return None
+    shape = _plans.get(ck.key)
+    if shape is None:
+        bind = state.session.get_bind(**state.bind_arguments)
+        parts = [bind.dialect.name, str(stmt.compile(dialect=bind.dialect))]
+        for opt in stmt._with_options:
+            if isinstance(opt, FromCache):
+                continue
+            for el in getattr(opt, "context", ()):
+                parts.append(
+                    repr(
+                        (
+                            type(el).__name__,
+                            str(getattr(el, "path", "")),
+                            getattr(el, "strategy", None),
+                            sorted(getattr(el, "local_opts", {}).items()),
+                        )
+                    )
+                )
+        shape = hash_bytes("\x00".join(parts).encode())[:20]
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[ck.key] = shape
+    return f"q:{shape}"
+
+
+def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
+    """False when this statement would read a transaction snapshot older than now.
+
+    Under REPEATABLE READ or SERIALIZABLE the snapshot is fixed by the transaction's
+    first statement, so only that statement's read is known to follow the generations
+    read just before it. SQLite (pysqlite) runs reads outside a transaction.
+    """
+    tx = state.session.info.get(_INFO_KEY)
+    if tx is None or tx.statements == 0:
+        return True
+    bind: Any = state.session.get_bind(**state.bind_arguments)
+    dialect = bind.dialect
+    if dialect.name == "sqlite":
+        return True
+    level = state.execution_options.get("isolation_level")
+    if level is None:
+        level = bind.get_execution_options().get("isolation_level") if hasattr(
+            bind, "get_execution_options"
+        ) else None
+    if level is None:
+        level = getattr(dialect, "default_isolation_level", None)
+    return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
+
+
+def _tables_of(tags: Iterable[str]) -> set[str]:
+    return {t.split(":", 2)[1] for t in tags if ":" in t}
+
+
+def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Result[Any]:
+    session = state.session
+    stats = cache.stats_counters
+    if session.autoflush and (session.new or session.dirty or session.deleted):
+        # The ORM autoflushes only after this hook; flush first so our own pending
+        # writes are known, and bypass the cache for the tables they touch.
+        session.flush()
+    stmt = state.statement
+    params = dict(state.parameters or {})
+    tags = statement_read_tags(stmt, params)
+    pending = pending_write_tags()
+    fresh = _snapshot_is_fresh(state)
+    tx = _tx(session)
+    tx.statements += 1
+    populate = state.load_options._populate_existing if state.is_orm_statement else False
+    if (
+        tags is None
+        or populate
+        or NAMESPACE_TAG in pending
+        or (_tables_of(pending) & _tables_of(tags))
+    ):
+        stats.incr("bypasses")
+        _record_read(cache, tags, "a query")
+        return state.invoke_statement()
+    base = _statement_key(state)
+    if base is None:
+        stats.incr("bypasses")
+        _record_read(cache, tags, "a query")
+        return state.invoke_statement()
+    ck = stmt._generate_cache_key()
+    try:
+        values = cache.codec.canonical(
+            (
+                tuple(b.effective_value for b in ck.bindparams),
+                tuple(sorted(params.items())),
+            )
+        )
+    except UncacheableValueError:
+        stats.incr("bypasses")
+        _record_read(cache, tags, "a query")
+        return state.invoke_statement()
+    key = f"{base}:{hash_bytes(values)}"
+    all_tags = sorted(tags | {NAMESPACE_TAG})
+
+    snap = None
+    if active_reads():
+        snap = cache.guard.snapshot(all_tags)
+        for ctx in active_reads():
+            ctx.record(snap, "a cached query")
+            if not fresh:
+                ctx.forbid("a query read an older REPEATABLE READ snapshot")
+
+    data = cache.guard.get(key) if fresh else None
+    if data is not None:
+        try:
+            keys, rows = cache.codec.decode(data)  # type: ignore[misc]
+        except (CorruptPayloadError, TypeError, ValueError):
+            stats.incr("corrupt")
+            cache.guard.delete([key])
+        else:
+            stats.incr("hits")
+            loaded = merge_value(session, rows)
+            for ctx in active_reads():
+                ctx.loaded.update(
+                    inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")  # type: ignore[attr-defined]
+                )
+            return IteratorResult(SimpleResultMetaData(keys), iter(loaded))  # type: ignore[arg-type]
+    stats.incr("misses")
+    if snap is None and fresh:
+        snap = cache.guard.snapshot(all_tags)
+    result = state.invoke_statement()
+    frozen = result.freeze()
+    rows_out = [tuple(r) for r in frozen.data]
+    if snap is not None and fresh and not pending_write_tags():
+        try:
+            payload = cache.codec.encode([list(result.keys()), rows_out])
+        except UncacheableValueError as exc:
+            stats.incr("uncacheable")
+            cache.guard.log.warning("uncacheable", "ormcache: query result not cached: %s", exc)
+        else:
+            ttl = option.ttl if option.ttl is not None else cache.default_ttl
+            cache.guard.store(key, payload, ttl, snap)
+    return frozen()

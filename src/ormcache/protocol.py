@@ -1,0 +1,256 @@
+"""The consistency protocol between readers, writers and the backend.
+
+Readers: take a :class:`Snapshot` of the tags' generations *before* reading the
+database, then store with a compare-and-set against it. Writers: take a write lease on the
+touched tags before COMMIT (which also bumps them), and bump again and release after
+COMMIT. Together these give "no read that starts after ``commit()`` returned is served
+older data", with no wall clock anywhere:
+
+* a read whose snapshot predates the lease fails its compare-and-set (the lease bumped);
+* a read whose snapshot falls inside the lease gets no snapshot and does not store;
+* a read after the release sees the committed data.
+
+This module also makes the backend safe to lose: :class:`Guard` absorbs backend errors
+into misses, trips a circuit breaker, and remembers bumps it owes a backend that was
+unreachable, refusing hits in this process until they are delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from .backends.base import Backend, Snapshot
+from .breaker import CircuitBreaker
+from .errors import BackendError
+from .stats import Stats
+
+__all__ = [
+    "NAMESPACE_TAG",
+    "Guard",
+    "ReadContext",
+    "active_reads",
+    "pending_write_tags",
+    "set_pending_write_tags",
+]
+
+logger = logging.getLogger("ormcache")
+
+#: Every entry depends on this tag, so ``clear()`` and DML whose tables cannot be known
+#: invalidate everything with one bump.
+NAMESPACE_TAG = "*"
+
+
+@dataclass(eq=False)
+class ReadContext:
+    """What one memoized computation read: the merged snapshot, and whether it may store.
+
+    ``loaded`` collects the ORM states loaded or refreshed while the computation ran; an
+    instance in the result that is not among them came from the identity map, possibly
+    from a read older than the snapshot, so the result is not stored.
+    """
+
+    snapshot: Snapshot | None = None
+    storable: bool = True
+    reason: str = ""
+    loaded: set[object] = field(default_factory=set)
+
+    def record(self, snap: Snapshot | None, what: str = "a query") -> None:
+        if not self.storable:
+            return
+        if snap is None:
+            self.forbid(f"{what} ran while a write to its tables was committing")
+            return
+        merged = snap if self.snapshot is None else self.snapshot.merge(snap)
+        if merged is None:
+            self.forbid("a commit changed the data between two reads of this computation")
+        else:
+            self.snapshot = merged
+
+    def forbid(self, reason: str) -> None:
+        if self.storable:
+            self.storable = False
+            self.reason = reason
+
+
+_reads: ContextVar[tuple[ReadContext, ...]] = ContextVar("ormcache_reads", default=())
+_pending_writes: ContextVar[frozenset[str]] = ContextVar(
+    "ormcache_pending_writes", default=frozenset()
+)
+
+
+def active_reads() -> tuple[ReadContext, ...]:
+    """The computations (innermost last) that the current read belongs to."""
+    return _reads.get()
+
+
+def push_reads(ctx: ReadContext) -> object:
+    return _reads.set((*_reads.get(), ctx))
+
+
+def pop_reads(token: object) -> None:
+    _reads.reset(token)  # type: ignore[arg-type]
+
+
+def pending_write_tags() -> frozenset[str]:
+    """Tags written by an uncommitted transaction in this context (thread or task).
+
+    While non-empty, reads of those tags bypass the cache so a transaction always sees
+    its own writes.
+    """
+    return _pending_writes.get()
+
+
+def set_pending_write_tags(tags: frozenset[str]) -> None:
+    _pending_writes.set(tags)
+
+
+class _RateLimitedLog:
+    """At most one warning per kind per ``interval`` seconds: an outage must not flood logs."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -self.interval) < self.interval:
+                return
+            self._last[kind] = now
+        logger.warning(message, *args)
+
+
+class Guard:
+    """The backend as the cache sees it: never raises, counts and logs every failure.
+
+    A failed bump is a debt: until it is paid, this process serves no hits (an entry it
+    should have invalidated might still look current) and retries the bump first.
+    """
+
+    def __init__(self, backend: Backend, stats: Stats, breaker: CircuitBreaker) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.breaker = breaker
+        self.log = _RateLimitedLog()
+        self._owed: set[str] = set()
+        self._owed_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _failed(self, op: str, exc: BackendError) -> None:
+        self.stats.incr("errors")
+        opened = self.breaker.failure()
+        self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, exc)
+        if opened:
+            self.log.warning(
+                "breaker",
+                "ormcache: circuit breaker open for %.1fs after repeated backend failures",
+                self.breaker.cooldown,
+            )
+
+    def _settle(self) -> bool:
+        """Pay owed bumps; True if nothing is owed any more."""
+        if not self._owed:
+            return True
+        with self._owed_lock:
+            owed = sorted(self._owed)
+        if not owed:
+            return True
+        try:
+            self.backend.bump(owed)
+        except BackendError as exc:
+            self._failed("bump", exc)
+            return False
+        with self._owed_lock:
+            self._owed.difference_update(owed)
+        self.breaker.success()
+        return not self._owed
+
+    def usable(self) -> bool:
+        if not self.breaker.allow():
+            self.stats.incr("bypasses")
+            return False
+        return self._settle()
+
+    # -- reads ------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        if not self.usable():
+            return None
+        try:
+            data = self.backend.get(key)
+        except BackendError as exc:
+            self._failed("get", exc)
+            return None
+        self.breaker.success()
+        return data
+
+    def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
+        if not self.usable():
+            return None
+        try:
+            snap = self.backend.snapshot(tags)
+        except BackendError as exc:
+            self._failed("snapshot", exc)
+            return None
+        self.breaker.success()
+        return snap
+
+    def store(self, key: str, payload: bytes, ttl: float | None, snap: Snapshot) -> bool:
+        if not self.usable():
+            return False
+        try:
+            stored = self.backend.set(key, payload, ttl, snap)
+        except BackendError as exc:
+            self._failed("set", exc)
+            return False
+        self.breaker.success()
+        self.stats.incr("stores" if stored else "store_conflicts")
+        return stored
+
+    def delete(self, keys: Sequence[str]) -> None:
+        try:
+            self.backend.delete(keys)
+        except BackendError as exc:
+            self._failed("delete", exc)
+
+    # -- writes -----------------------------------------------------------------------
+    def _owe(self, tags: Sequence[str]) -> None:
+        with self._owed_lock:
+            self._owed.update(tags)
+
+    def bump(self, tags: Sequence[str]) -> None:
+        if not tags:
+            return
+        self.stats.incr("invalidations")
+        try:
+            self.backend.bump(tags)
+        except BackendError as exc:
+            self._failed("bump", exc)
+            self._owe(tags)
+
+    def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        try:
+            self.backend.acquire_lease(tags, token, ttl)
+        except BackendError as exc:
+            self._failed("lease", exc)
+            self._owe(tags)
+
+    def release_lease(self, tags: Sequence[str], token: str) -> None:
+        self.stats.incr("invalidations")
+        try:
+            self.backend.release_lease(tags, token)
+        except BackendError as exc:
+            self._failed("release", exc)
+            self._owe(tags)
+
+    def clear(self) -> None:
+        try:
+            self.backend.clear()
+        except BackendError as exc:
+            self._failed("clear", exc)
+            self._owe([NAMESPACE_TAG])

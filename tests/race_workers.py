@@ -1,0 +1,90 @@
+"""Processes for the read-after-commit race test (spawned, so each builds its own state).
+
+Writers bump a counter row and publish the committed version *after* ``commit()``
+returns. Readers note the published version *before* they start a read; a read that
+returns less than that is a stale read, the thing ormcache promises never happens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Integer, create_engine, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from ormcache import Cache, FromCache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Counter(Base):
+    __tablename__ = "oc_race_counter"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+def _setup(db_url: str, redis_url: str, namespace: str) -> tuple[Cache, Any]:
+    engine = create_engine(db_url, pool_size=2)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    cache = Cache(redis_url, namespace=namespace, strict=True, default_ttl=60)
+    cache.attach(Session)
+    return cache, Session
+
+
+def writer(db_url: str, redis_url: str, namespace: str, published: Any, stop: Any,
+           n_rows: int, seed: int) -> None:
+    cache, Session = _setup(db_url, redis_url, namespace)
+    i = seed
+    while not stop.is_set():
+        row = 1 + (i % n_rows)
+        i += 1
+        with Session() as s:
+            counter = s.scalars(
+                select(Counter).where(Counter.id == row).with_for_update()
+            ).one()
+            counter.version += 1
+            committed = counter.version
+            s.commit()
+        # commit() has returned: from now on every read must see >= committed.
+        with published[row - 1].get_lock():
+            if published[row - 1].value < committed:
+                published[row - 1].value = committed
+        time.sleep(0.002)
+    cache.close()
+
+
+def reader(db_url: str, redis_url: str, namespace: str, mode: str, published: Any,
+           stop: Any, n_rows: int, seed: int, results: Any) -> None:
+    cache, Session = _setup(db_url, redis_url, namespace)
+
+    @cache.memoize(ttl=60)
+    def memoized_version(row: int) -> int:
+        with Session() as s:
+            return s.scalars(select(Counter.version).where(Counter.id == row)).one()
+
+    def fromcache_version(row: int) -> int:
+        with Session() as s:
+            return s.scalars(
+                select(Counter).where(Counter.id == row).options(FromCache(ttl=60))
+            ).one().version
+
+    read = memoized_version if mode == "memoize" else fromcache_version
+    reads = stale = 0
+    worst = 0
+    i = seed
+    while not stop.is_set():
+        row = 1 + (i % n_rows)
+        i += 1
+        floor = published[row - 1].value
+        got = read(row)
+        reads += 1
+        if got < floor:
+            stale += 1
+            worst = max(worst, floor - got)
+    stats = cache.stats()
+    results.put((reads, stale, worst, stats.hits, stats.store_conflicts))
+    cache.close()

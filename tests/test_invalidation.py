@@ -1,0 +1,216 @@
+"""Every write path invalidates, on every database and backend (DESIGN §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import Cache, FromCache
+from tests.conftest import SQLCounter
+from tests.models import Address, User, key_hash, seed
+
+
+@pytest.fixture
+def env(cache: Cache, db_engine: Any) -> tuple[Cache, Any, Any]:
+    Session = sessionmaker(db_engine, expire_on_commit=False)
+    cache.attach(Session)
+    seed(Session)
+    return cache, Session, db_engine
+
+
+def lookups(cache: Cache, Session: Any) -> dict[str, Any]:
+    """The two ways to cache the seed's lookup: memoize, and FromCache."""
+
+    @cache.memoize(ttl=60)
+    def memoized(api_key: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(
+                select(User).where(User.api_key_hash == key_hash(api_key))
+            ).one_or_none()
+            return None if user is None else f"{user.name}/{user.email}/{user.active}"
+
+    def from_cache(api_key: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(
+                select(User)
+                .where(User.api_key_hash == key_hash(api_key))
+                .options(FromCache(ttl=60))
+            ).one_or_none()
+            return None if user is None else f"{user.name}/{user.email}/{user.active}"
+
+    return {"memoize": memoized, "fromcache": from_cache}
+
+
+def warm(fn: Any, *args: Any) -> Any:
+    """Call twice; the second call must be a hit that runs no SQL."""
+    first = fn(*args)
+    assert fn(*args) == first
+    return first
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_unit_of_work_update_invalidates(env: Any, how: str) -> None:
+    """Changing any column of a row invalidates lookups of that row by its partition."""
+    cache, Session, engine = env
+    fn = lookups(cache, Session)[how]
+    key = "key-0-secret"
+    assert warm(fn, key) == "user0/user0@example.com/True"
+    counter = SQLCounter(engine)
+    assert fn(key) == "user0/user0@example.com/True"
+    assert counter.count == 0
+    with Session() as s:
+        s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    assert fn(key) == "renamed/user0@example.com/True"
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_unit_of_work_insert_invalidates_negative_entry(env: Any, how: str) -> None:
+    """An unknown key is cached as "no user", and creating the user is seen at once."""
+    import datetime as dt
+
+    cache, Session, _ = env
+    fn = lookups(cache, Session)[how]
+    assert warm(fn, "brand-new") is None
+    with Session() as s:
+        s.add(
+            User(
+                id=99,
+                name="new",
+                email="new@example.com",
+                api_key_hash=key_hash("brand-new"),
+                created_at=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+            )
+        )
+        s.commit()
+    assert fn("brand-new") == "new/new@example.com/True"
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_unit_of_work_delete_invalidates(env: Any, how: str) -> None:
+    cache, Session, _ = env
+    fn = lookups(cache, Session)[how]
+    assert warm(fn, "key-1-secret") is not None
+    with Session() as s:
+        s.delete(s.get(User, 2))
+        s.commit()
+    assert fn("key-1-secret") is None
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_old_values_of_changed_rows_are_invalidated(env: Any, how: str) -> None:
+    """Rotating a key: the old hash's cached lookup must stop answering."""
+    cache, Session, _ = env
+    fn = lookups(cache, Session)[how]
+    assert warm(fn, "key-2-secret") is not None
+    with Session() as s:
+        s.get(User, 3).api_key_hash = key_hash("rotated")  # type: ignore[union-attr]
+        s.commit()
+    assert fn("key-2-secret") is None
+    assert fn("rotated") == "user2/user2@example.com/True"
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+@pytest.mark.parametrize(
+    "path",
+    ["orm_update", "orm_delete", "core_update", "core_delete", "core_insert", "text", "text_unknown"],
+)
+def test_bulk_core_and_text_dml_invalidate(env: Any, how: str, path: str) -> None:
+    """ORM-enabled update()/delete(), Core DML and text() DML through the session."""
+    import datetime as dt
+
+    cache, Session, _ = env
+    fn = lookups(cache, Session)[how]
+    target = "key-0-secret"
+    if path == "core_insert":
+        target = "inserted"
+    before = warm(fn, target)
+    with Session() as s:
+        if path == "orm_update":
+            s.execute(update(User).where(User.id == 1).values(active=False))
+        elif path == "orm_delete":
+            s.execute(delete(Address).where(Address.user_id == 1))
+            s.execute(delete(User).where(User.id == 1))
+        elif path == "core_update":
+            s.execute(update(User.__table__).where(User.__table__.c.id == 1).values(active=False))
+        elif path == "core_delete":
+            s.execute(delete(Address.__table__).where(Address.__table__.c.user_id == 1))
+            s.execute(delete(User.__table__).where(User.__table__.c.id == 1))
+        elif path == "core_insert":
+            s.execute(
+                insert(User.__table__).values(
+                    id=50,
+                    name="ins",
+                    email="ins@example.com",
+                    api_key_hash=key_hash("inserted"),
+                    active=True,
+                    balance=0,
+                    created_at=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+                )
+            )
+        elif path == "text":
+            s.execute(text("UPDATE oc_users SET active = :a WHERE id = 1"), {"a": False})
+        else:
+            # A comment hides the table name: the whole namespace is invalidated.
+            s.execute(text("UPDATE /* opaque */ oc_users SET active = :a WHERE id = 1"), {"a": False})
+        s.commit()
+    after = fn(target)
+    assert after != before
+    if path in ("orm_update", "core_update", "text", "text_unknown"):
+        assert after == "user0/user0@example.com/False"
+    elif path == "core_insert":
+        assert after == "ins/ins@example.com/True"
+    else:
+        assert after is None
+
+
+def test_engine_attach_tracks_core_writes(cache: Cache, db_engine: Any) -> None:
+    """Core-only code (engine.begin()) invalidates too when the Engine is attached."""
+    Session = sessionmaker(db_engine)
+    cache.attach(Session)
+    cache.attach(db_engine)
+    seed(Session)
+    fn = lookups(cache, Session)["fromcache"]
+    assert warm(fn, "key-0-secret") == "user0/user0@example.com/True"
+    with db_engine.begin() as conn:
+        conn.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="core"))
+    assert fn("key-0-secret") == "core/user0@example.com/True"
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_manual_invalidation_of_model_and_instance(env: Any, how: str) -> None:
+    """Writes ormcache cannot see are fixed by ``cache.invalidate(Model | instance)``."""
+    cache, Session, engine = env
+    fn = lookups(cache, Session)[how]
+    assert warm(fn, "key-0-secret") is not None
+    with engine.begin() as conn:  # not attached: invisible to the cache
+        conn.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="x"))
+    assert fn("key-0-secret").startswith("user0/")  # stale, as documented (TTL-bounded)
+    cache.invalidate(User)
+    assert fn("key-0-secret").startswith("x/")
+    with engine.begin() as conn:
+        conn.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="y"))
+    with Session() as s:
+        user = s.get(User, 1)
+        assert user is not None
+        cache.invalidate(user)
+    assert fn("key-0-secret").startswith("y/")
+
+
+def test_read_your_writes_inside_a_transaction(env: Any) -> None:
+    """Within a transaction that wrote a table, cached queries on it see the writes."""
+    cache, Session, engine = env
+    fn = lookups(cache, Session)["fromcache"]
+    warm(fn, "key-0-secret")
+    with Session() as s:
+        s.get(User, 1).name = "pending"  # type: ignore[union-attr]
+        user = s.scalars(
+            select(User).where(User.api_key_hash == key_hash("key-0-secret")).options(FromCache())
+        ).one()
+        assert user.name == "pending"
+        s.rollback()
+    assert fn("key-0-secret") == "user0/user0@example.com/True"
+    assert fn("key-0-secret") == "user0/user0@example.com/True"
