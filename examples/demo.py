@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             key = secrets.token_urlsafe(24)
             keys.append(key)
             s.add(
-                User(name=f"user{i}", api_key_hash=hash_key(key), created_at=dt.datetime.now(dt.timezone.utc))
+                User(
+                    name=f"user{i}",
+                    api_key_hash=hash_key(key),
+                    created_at=dt.datetime.now(dt.timezone.utc),
+                )
             )
             if (i + 1) % batch == 0 or i + 1 == args.users:
                 s.flush()

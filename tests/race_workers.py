@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Integer, create_engine, select, update
+from sqlalchemy import Integer, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from ormcache import Cache, FromCache
@@ -35,17 +35,16 @@ def _setup(db_url: str, redis_url: str, namespace: str) -> tuple[Cache, Any]:
     return cache, Session
 
 
-def writer(db_url: str, redis_url: str, namespace: str, published: Any, stop: Any,
-           n_rows: int, seed: int) -> None:
+def writer(
+    db_url: str, redis_url: str, namespace: str, published: Any, stop: Any, n_rows: int, seed: int
+) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
     i = seed
     while not stop.is_set():
         row = 1 + (i % n_rows)
         i += 1
         with Session() as s:
-            counter = s.scalars(
-                select(Counter).where(Counter.id == row).with_for_update()
-            ).one()
+            counter = s.scalars(select(Counter).where(Counter.id == row).with_for_update()).one()
             counter.version += 1
             committed = counter.version
             s.commit()
@@ -57,8 +56,17 @@ def writer(db_url: str, redis_url: str, namespace: str, published: Any, stop: An
     cache.close()
 
 
-def reader(db_url: str, redis_url: str, namespace: str, mode: str, published: Any,
-           stop: Any, n_rows: int, seed: int, results: Any) -> None:
+def reader(
+    db_url: str,
+    redis_url: str,
+    namespace: str,
+    mode: str,
+    published: Any,
+    stop: Any,
+    n_rows: int,
+    seed: int,
+    results: Any,
+) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
 
     @cache.memoize(ttl=60)
@@ -68,9 +76,11 @@ def reader(db_url: str, redis_url: str, namespace: str, mode: str, published: An
 
     def fromcache_version(row: int) -> int:
         with Session() as s:
-            return s.scalars(
-                select(Counter).where(Counter.id == row).options(FromCache(ttl=60))
-            ).one().version
+            return (
+                s.scalars(select(Counter).where(Counter.id == row).options(FromCache(ttl=60)))
+                .one()
+                .version
+            )
 
     read = memoized_version if mode == "memoize" else fromcache_version
     reads = stale = 0

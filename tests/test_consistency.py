@@ -30,9 +30,7 @@ def test_no_stale_reads_across_processes(
 ) -> None:
     """3 readers and 2 writers in separate processes on one counter table: every read that
     starts after a writer published its committed version sees at least that version."""
-    db_url = request.getfixturevalue(
-        "postgres_url" if database == "postgresql" else "mariadb_url"
-    )
+    db_url = request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
     n_rows = 4
     engine = create_engine(db_url)
     race_workers.Base.metadata.drop_all(engine)
@@ -130,11 +128,15 @@ def test_fromcache_store_racing_a_commit_is_refused(cache: Cache, db_engine: Any
 
     def lookup() -> str:
         with Session() as s:
-            return s.scalars(
-                select(User).where(User.api_key_hash == key_hash("key-0-secret")).options(
-                    FromCache()
+            return (
+                s.scalars(
+                    select(User)
+                    .where(User.api_key_hash == key_hash("key-0-secret"))
+                    .options(FromCache())
                 )
-            ).one().name
+                .one()
+                .name
+            )
 
     if db_engine.dialect.name == "sqlite":
         pytest.skip("SQLite cannot commit from a second connection while a read is open")
@@ -161,9 +163,7 @@ def test_crashed_writers_lease_blocks_stores_only_until_it_expires(
 
     def lookup() -> str:
         with Session() as s:
-            return s.scalars(
-                select(User).where(User.id == 1).options(FromCache())
-            ).one().name
+            return s.scalars(select(User).where(User.id == 1).options(FromCache())).one().name
 
     lookup()
     assert lookup() == "user0"

@@ -116,7 +116,15 @@ def test_old_values_of_changed_rows_are_invalidated(env: Any, how: str) -> None:
 @pytest.mark.parametrize("how", ["memoize", "fromcache"])
 @pytest.mark.parametrize(
     "path",
-    ["orm_update", "orm_delete", "core_update", "core_delete", "core_insert", "text", "text_unknown"],
+    [
+        "orm_update",
+        "orm_delete",
+        "core_update",
+        "core_delete",
+        "core_insert",
+        "text",
+        "text_unknown",
+    ],
 )
 def test_bulk_core_and_text_dml_invalidate(env: Any, how: str, path: str) -> None:
     """ORM-enabled update()/delete(), Core DML and text() DML through the session."""
@@ -155,7 +163,9 @@ def test_bulk_core_and_text_dml_invalidate(env: Any, how: str, path: str) -> Non
             s.execute(text("UPDATE oc_users SET active = :a WHERE id = 1"), {"a": False})
         else:
             # A comment hides the table name: the whole namespace is invalidated.
-            s.execute(text("UPDATE /* opaque */ oc_users SET active = :a WHERE id = 1"), {"a": False})
+            s.execute(
+                text("UPDATE /* opaque */ oc_users SET active = :a WHERE id = 1"), {"a": False}
+            )
         s.commit()
     after = fn(target)
     assert after != before
@@ -202,7 +212,7 @@ def test_manual_invalidation_of_model_and_instance(env: Any, how: str) -> None:
 
 def test_read_your_writes_inside_a_transaction(env: Any) -> None:
     """Within a transaction that wrote a table, cached queries on it see the writes."""
-    cache, Session, engine = env
+    cache, Session, _engine = env
     fn = lookups(cache, Session)["fromcache"]
     warm(fn, "key-0-secret")
     with Session() as s:

@@ -30,9 +30,7 @@ def fresh_row(Session: Any, api_key: str) -> dict[str, Any]:
         return {c: getattr(user, c) for c in COLUMNS}
 
 
-def test_seed_pattern_raises_a_clear_error_in_strict_mode(
-    cache: Cache, sqlite_engine: Any
-) -> None:
+def test_seed_pattern_raises_a_clear_error_in_strict_mode(cache: Cache, sqlite_engine: Any) -> None:
     """The exact seed: ``return user.__dict__`` with the user collected before storing."""
     Session = sessionmaker(sqlite_engine)
     keys = seed(Session)

@@ -104,8 +104,7 @@ class Cache:
         namespace: str = cfg["namespace"]
         if not _NAMESPACE_RE.match(namespace):
             raise ConfigurationError(
-                f"namespace {namespace!r} is invalid: use 1-64 characters from "
-                "A-Z a-z 0-9 _ . -"
+                f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . -"
             )
         default_ttl = cfg["default_ttl"]
         if default_ttl is not None and default_ttl <= 0:
@@ -155,6 +154,7 @@ class Cache:
         *,
         ttl: float | None = ...,
         timeout: float | None = ...,
+        negative_ttl: float | None = ...,
         strict: bool | None = ...,
         merge: MergeTarget = ...,
         ignore: Collection[str] = ...,
@@ -168,6 +168,7 @@ class Cache:
         *,
         ttl: float | None = None,
         timeout: float | None = None,
+        negative_ttl: float | None = None,
         strict: bool | None = None,
         merge: MergeTarget = False,
         ignore: Collection[str] = (),
@@ -177,6 +178,9 @@ class Cache:
 
         ``ttl`` (``timeout`` is flask-caching's spelling of it) bounds staleness only for
         writes ormcache cannot see; commits through an attached session invalidate at once.
+        ``negative_ttl`` applies instead when the result is None (an unknown key), so a
+        flood of random keys cannot fill the cache for long; a commit that creates the row
+        invalidates such an entry at once either way.
         ``merge`` merges hits into a session, so they behave as instances loaded there.
         ``ignore`` lists parameters that do not affect the result; sessions and
         connections are always ignored. Bump ``version`` when the return shape changes.
@@ -195,6 +199,7 @@ class Cache:
                 self,
                 func,
                 ttl=chosen if chosen is not None else self.default_ttl,
+                negative_ttl=negative_ttl,
                 strict=self.strict if strict is None else strict,
                 merge=merge,
                 ignore=ignore,
@@ -287,4 +292,3 @@ class Cache:
         from .flask import init_app
 
         init_app(self, app)
-

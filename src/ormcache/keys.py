@@ -69,13 +69,9 @@ class ArgumentKeyer:
                 f"{fn.__qualname__}; use the parameter names from its signature"
             )
         self._ignore = frozenset(ignore)
-        simple = all(
-            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
-        )
+        simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._positional = len(params) if simple else -1
-        self._skip_positions = frozenset(
-            i for i, p in enumerate(params) if p.name in self._ignore
-        )
+        self._skip_positions = frozenset(i for i, p in enumerate(params) if p.name in self._ignore)
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if not kwargs and len(args) == self._positional:

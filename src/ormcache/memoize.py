@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import CorruptPayloadError, UncacheableValueError
 from .keys import ArgumentKeyer, function_prefix
-from .protocol import NAMESPACE_TAG, ReadContext, active_reads, pending_write_tags, pop_reads, push_reads
+from .protocol import (
+    NAMESPACE_TAG,
+    ReadContext,
+    active_reads,
+    pending_write_tags,
+    pop_reads,
+    push_reads,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -44,6 +51,7 @@ class Memoized(Generic[P, R]):
         fn: Callable[P, R],
         *,
         ttl: float | None,
+        negative_ttl: float | None = None,
         strict: bool,
         merge: MergeTarget,
         ignore: Collection[str],
@@ -52,6 +60,7 @@ class Memoized(Generic[P, R]):
         self._cache = cache
         self._fn = fn
         self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.strict = strict
         self._merge = merge
         self.prefix = function_prefix(fn, version)
@@ -81,8 +90,10 @@ class Memoized(Generic[P, R]):
                 except CorruptPayloadError as exc:
                     cache.stats.incr("corrupt")
                     cache.guard.log.warning(
-                        "corrupt", "ormcache: dropped an undecodable entry of %s: %s",
-                        self.prefix, exc,
+                        "corrupt",
+                        "ormcache: dropped an undecodable entry of %s: %s",
+                        self.prefix,
+                        exc,
                     )
                     cache.guard.delete([key])
                 else:
@@ -138,10 +149,14 @@ class Memoized(Generic[P, R]):
                 logger.debug(
                     "ormcache: not storing %s: %s came from the identity map, loaded "
                     "before this call, so it may predate the snapshot",
-                    self.prefix, stale,
+                    self.prefix,
+                    stale,
                 )
                 return value
-        cache.guard.store(key, payload, self.ttl, ctx.snapshot)
+        ttl = self.ttl
+        if value is None and self.negative_ttl is not None:
+            ttl = self.negative_ttl
+        cache.guard.store(key, payload, ttl, ctx.snapshot)
         return value
 
     def _deliver(self, value: object) -> object:
@@ -162,5 +177,6 @@ class Memoized(Generic[P, R]):
             logger.warning(
                 "ormcache: %s returned a value that cannot be cached, so it is served "
                 "uncached (logged once per function): %s",
-                self.prefix, exc,
+                self.prefix,
+                exc,
             )

@@ -20,9 +20,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table, event, inspect
 from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.orm import UserDefinedOption
+from sqlalchemy.orm import (
+    Mapper,
+    ORMExecuteState,
+    Session,
+    UserDefinedOption,
+    scoped_session,
+    sessionmaker,
+)
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.sql import Delete, Insert, Select, Update
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
 from sqlalchemy.sql.operators import and_, eq
@@ -275,16 +281,17 @@ def _flush_tags(session: Session) -> set[str]:
             continue
         out |= instance_tags(obj)
         old: dict[str, object] = {}
-        for attr in state.attrs:
-            hist = attr.load_history()
+        for prop in state.mapper.column_attrs:
+            # Passive history: never load an attribute from inside a flush.
+            hist = state.attrs[prop.key].history
             if hist.deleted:
-                old[attr.key] = hist.deleted[0]
+                old[prop.key] = hist.deleted[0]
         if old:
             out |= instance_tags(obj, values=old)
         for rel in state.mapper.relationships:
-            if rel.secondary is not None and isinstance(rel.secondary, Table):
-                if state.attrs[rel.key].history.has_changes():
-                    out |= {table_tag(rel.secondary), any_partition_tag(rel.secondary)}
+            secondary = rel.secondary
+            if isinstance(secondary, Table) and state.attrs[rel.key].history.has_changes():
+                out |= {table_tag(secondary), any_partition_tag(secondary)}
     return out
 
 
@@ -393,9 +400,7 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
     ) -> None:
         if isinstance(clauseelement, (Insert, Update, Delete)):
             tags = dml_write_tags(clauseelement)
-        elif isinstance(clauseelement, TextClause) and not _TEXT_IS_READ.match(
-            clauseelement.text
-        ):
+        elif isinstance(clauseelement, TextClause) and not _TEXT_IS_READ.match(clauseelement.text):
             tags = text_write_tags(clauseelement.text)
         else:
             if active_reads() and isinstance(clauseelement, (Select, TextClause)):
@@ -586,9 +591,11 @@ def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
         return True
     level = state.execution_options.get("isolation_level")
     if level is None:
-        level = bind.get_execution_options().get("isolation_level") if hasattr(
-            bind, "get_execution_options"
-        ) else None
+        level = (
+            bind.get_execution_options().get("isolation_level")
+            if hasattr(bind, "get_execution_options")
+            else None
+        )
     if level is None:
         level = getattr(dialect, "default_isolation_level", None)
     return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
@@ -662,7 +669,10 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
             loaded = merge_value(session, rows)
             for ctx in active_reads():
                 ctx.loaded.update(
-                    inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")  # type: ignore[attr-defined]
+                    inspect(o)
+                    for row in loaded
+                    for o in row
+                    if hasattr(o, "_sa_instance_state")  # type: ignore[attr-defined]
                 )
             return IteratorResult(SimpleResultMetaData(keys), iter(loaded))  # type: ignore[arg-type]
     stats.incr("misses")

@@ -110,7 +110,9 @@ def tags_for_target(target: object) -> set[str]:
     if isinstance(target, type):
         mapper = inspect(target, raiseerr=False)
         if isinstance(mapper, Mapper):
-            return {t for table in mapper.tables for t in (table_tag(table), any_partition_tag(table))}
+            return {
+                t for table in mapper.tables for t in (table_tag(table), any_partition_tag(table))
+            }
     elif inspect(target, raiseerr=False) is not None and hasattr(inspect(target), "mapper"):
         return instance_tags(target)
     raise ConfigurationError(

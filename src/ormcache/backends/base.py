@@ -49,8 +49,8 @@ class Snapshot:
         A disagreement means a commit happened between the two reads, so a value built
         from both must not be stored.
         """
-        combined = dict(zip(self.tags, self.gens))
-        for tag, gen in zip(other.tags, other.gens):
+        combined = dict(zip(self.tags, self.gens, strict=False))
+        for tag, gen in zip(other.tags, other.gens, strict=False):
             if combined.setdefault(tag, gen) != gen:
                 return None
         tags = tuple(sorted(combined))

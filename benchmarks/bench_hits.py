@@ -1,0 +1,288 @@
+"""Cache-hit cost of ormcache against its real competitors, in one run, on the same data.
+
+Every case looks up the same user by API-key hash and returns the same four columns.
+
+* floor: a raw redis-py ``GET`` + ``msgpack.unpackb`` of ormcache's own payload;
+* ormcache ``memoize`` and ``FromCache`` hits, on Redis and on the in-process backend;
+* flask-caching ``memoize`` on Redis (pickle), returning ``as_dict(user)``;
+* dogpile.cache on Redis with SQLAlchemy's documented ``FrozenResult`` +
+  ``merge_frozen_result`` recipe (our own implementation of that recipe);
+* the uncached ORM query on SQLite and PostgreSQL.
+
+Run: ``.venv/bin/python -m benchmarks.bench_hits`` (writes ``benchmarks/results/``).
+Medians of per-call times over batches; ratios are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import os
+import pickle
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from sqlalchemy import DateTime, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ormcache import Cache, FromCache, as_dict
+
+RESULTS = Path(__file__).parent / "results"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BenchUser(Base):
+    __tablename__ = "bench_users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def measure(fn: Callable[[], object], *, batches: int, per_batch: int) -> float:
+    """Median per-call seconds over ``batches`` batches (after a warm-up batch)."""
+    for _ in range(per_batch):
+        fn()
+    samples = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(per_batch):
+            fn()
+        samples.append((time.perf_counter() - start) / per_batch)
+    return statistics.median(samples)
+
+
+def prepare(url: str, n_users: int) -> sessionmaker[Session]:
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    with factory() as s:
+        s.add_all(
+            BenchUser(
+                id=i,
+                name=f"user{i}",
+                api_key_hash=key_hash(f"k{i}"),
+                created_at=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+            )
+            for i in range(1, n_users + 1)
+        )
+        s.commit()
+    return factory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ormcache hit benchmarks")
+    parser.add_argument("--batches", type=int, default=15)
+    parser.add_argument("--per-batch", type=int, default=400)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args(argv)
+
+    import redis
+    from dogpile.cache import make_region
+    from flask import Flask
+    from flask_caching import Cache as FlaskCache
+    from sqlalchemy.orm import loading
+
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"{ns}.sqlite"
+    databases = {"sqlite": prepare(f"sqlite:///{tmp}", args.users)}
+    if not args.no_postgres:
+        databases["postgresql"] = prepare(POSTGRES_URL, args.users)
+    target = key_hash("k42")
+    stmt = select(BenchUser).where(BenchUser.api_key_hash == target)
+    results: dict[str, float] = {}
+    notes: dict[str, str] = {}
+
+    def run(label: str, fn: Callable[[], object]) -> None:
+        print(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        results[label] = measure(fn, batches=args.batches, per_batch=args.per_batch)
+
+    # -- uncached queries ------------------------------------------------------------
+    for name, factory in databases.items():
+
+        def uncached(factory: sessionmaker[Session] = factory) -> object:
+            with factory() as s:
+                return s.scalars(stmt).one()
+
+        run(f"uncached ORM query ({name})", uncached)
+
+    factory = databases.get("postgresql", databases["sqlite"])
+    db_label = "postgresql" if "postgresql" in databases else "sqlite"
+
+    # -- ormcache --------------------------------------------------------------------
+    caches = {
+        "redis": Cache(REDIS_URL, namespace=ns, default_ttl=600),
+        "memory": Cache(namespace=ns, default_ttl=600, max_entries=100_000),
+    }
+    payload = b""
+    for backend, cache in caches.items():
+        cache.attach(factory)
+
+        @cache.memoize(ttl=600)
+        def get_user(h: str) -> BenchUser | None:
+            with factory() as s:
+                return s.scalars(select(BenchUser).where(BenchUser.api_key_hash == h)).one_or_none()
+
+        get_user(target)
+        run(f"ormcache memoize hit ({backend})", lambda f=get_user: f(target))
+
+        def from_cache(cache: Cache = cache) -> object:
+            with factory() as s:
+                return s.scalars(stmt.options(FromCache(ttl=600, cache=cache))).one()
+
+        from_cache()
+        run(f"ormcache FromCache hit ({backend})", from_cache)
+        if backend == "redis":
+            payload = cache.codec.encode(get_user(target))
+
+    # -- the floor: raw GET + unpack of the same payload -----------------------------
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(f"{ns}:floor", payload)
+    run(
+        "raw redis-py GET + msgpack unpack (floor)",
+        lambda: msgpack.unpackb(
+            client.get(f"{ns}:floor"),
+            raw=False,
+            strict_map_key=False,
+            ext_hook=lambda code, data: data,
+        ),
+    )
+
+    # -- flask-caching (pickle, returning a dict as the seed fix would) --------------
+    app = Flask(__name__)
+    fc = FlaskCache(
+        app,
+        config={"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": REDIS_URL, "CACHE_KEY_PREFIX": ns},
+    )
+
+    @fc.memoize(timeout=600)
+    def fc_get_user(h: str) -> dict[str, Any] | None:
+        with factory() as s:
+            user = s.scalars(select(BenchUser).where(BenchUser.api_key_hash == h)).one_or_none()
+            return as_dict(user) if user else None
+
+    with app.app_context():
+        fc_get_user(target)
+        run("flask-caching memoize hit (redis, pickle)", lambda: fc_get_user(target))
+
+    # -- dogpile.cache + FrozenResult/merge_frozen_result (SQLAlchemy's recipe) ------
+    region = make_region().configure(
+        "dogpile.cache.redis", arguments={"url": REDIS_URL, "redis_expiration_time": 600}
+    )
+
+    def dogpile_lookup() -> object:
+        with factory() as s:
+            key = f"{ns}:dp:" + target
+
+            def create() -> Any:
+                return s.execute(stmt).freeze()
+
+            frozen = region.get_or_create(key, create)
+            merged = loading.merge_frozen_result(s, stmt, frozen, load=False)
+            return merged().scalars().one()
+
+    dogpile_lookup()
+    run("dogpile.cache + merge_frozen_result hit (redis)", dogpile_lookup)
+
+    # -- payload size -----------------------------------------------------------------
+    with factory() as s:
+        user = s.scalars(stmt).one()
+        pickled_dict = len(pickle.dumps(user.__dict__))
+        ormcache_bytes = len(caches["memory"].codec.encode(user))
+    notes["payload"] = (
+        f"payload bytes for one user: ormcache {ormcache_bytes} B, "
+        f"pickle of user.__dict__ {pickled_dict} B ({pickled_dict / ormcache_bytes:.1f}x larger)"
+    )
+
+    report(results, notes, db_label)
+    for cache in caches.values():
+        cache.clear()
+        cache.close()
+    client.delete(f"{ns}:floor")
+    for k in client.scan_iter(f"{ns}*"):
+        client.delete(k)
+    tmp.unlink(missing_ok=True)
+    return 0
+
+
+def report(results: dict[str, float], notes: dict[str, str], db_label: str) -> None:
+    floor = results["raw redis-py GET + msgpack unpack (floor)"]
+    pg = results.get(f"uncached ORM query ({db_label})")
+    lines = [
+        "| case | median µs/call | x floor | x uncached query |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, secs in sorted(results.items(), key=lambda kv: kv[1]):
+        vs_db = f"{secs / pg:.2f}" if pg else "—"
+        lines.append(f"| {label} | {secs * 1e6:.1f} | {secs / floor:.2f} | {vs_db} |")
+    table = "\n".join(lines)
+    ratios = [
+        f"memoize hit (redis) / floor: "
+        f"{results['ormcache memoize hit (redis)'] / floor:.2f}x (goal <= 1.25x)",
+        f"memoize hit (memory): {results['ormcache memoize hit (memory)'] * 1e6:.1f} µs "
+        "(goal <= 10 µs)",
+        f"FromCache hit (memory): {results['ormcache FromCache hit (memory)'] * 1e6:.1f} µs "
+        "(goal <= 40 µs)",
+    ]
+    if pg:
+        ratios.append(
+            f"uncached {db_label} query / FromCache hit (redis): "
+            f"{pg / results['ormcache FromCache hit (redis)']:.1f}x faster (goal >= 4x)"
+        )
+    dp = results["dogpile.cache + merge_frozen_result hit (redis)"]
+    ratios.append(
+        f"dogpile recipe / FromCache hit (redis): "
+        f"{dp / results['ormcache FromCache hit (redis)']:.1f}x faster (goal >= 3x)"
+    )
+    fc = results["flask-caching memoize hit (redis, pickle)"]
+    ratios.append(f"flask-caching hit / floor: {fc / floor:.2f}x")
+    text = table + "\n\n" + "\n".join(f"- {r}" for r in ratios)
+    text += "\n- " + notes["payload"] + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "hits.md").write_text(text)
+    chart(results, RESULTS / "hits.png")
+    print(f"wrote {RESULTS / 'hits.md'} and {RESULTS / 'hits.png'}", file=sys.stderr)
+
+
+def chart(results: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(results.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.2))
+    colours = ["#2b7bba" if "ormcache" in k else "#999999" for k, _ in items]
+    ax.barh([k for k, _ in items], [v * 1e6 for _, v in items], color=colours)
+    ax.set_xlabel("median µs per call (lower is better)")
+    ax.set_title("Cache hit cost: one user by API-key hash")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

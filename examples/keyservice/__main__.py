@@ -1,0 +1,92 @@
+"""``python -m examples.keyservice``: initialise, seed (with progress) and serve."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import click
+
+from .models import ApiKey, User, hash_api_key, new_api_key
+
+
+@click.group()
+def cli() -> None:
+    """The ormcache reference API-key service."""
+
+
+@cli.command()
+@click.option("--users", default=200, show_default=True, help="demo users to create")
+def seed(users: int) -> None:
+    """Create demo users, each with one API key; prints one key to try."""
+    from . import create_app
+
+    app = create_app()
+    Session = app.extensions["keyservice"]["Session"]
+    s = Session()
+    first_key = None
+    existing = s.query(User).count()
+    with click.progressbar(range(users), label=f"seeding {users} users", file=sys.stderr) as bar:
+        for i in bar:
+            raw = new_api_key()
+            first_key = first_key or raw
+            user = User(name=f"demo{existing + i}", email=f"demo{existing + i}@example.com")
+            s.add(user)
+            s.add(ApiKey(user=user, key_hash=hash_api_key(raw), prefix=raw[:10]))
+            if i % 100 == 99:
+                s.commit()
+    s.commit()
+    Session.remove()
+    if first_key:
+        click.echo(f"try: curl -H 'Authorization: Bearer {first_key}' http://127.0.0.1:8000/me")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=1, show_default=True, help="gunicorn worker processes")
+@click.option("--threads", default=4, show_default=True)
+def serve(host: str, port: int, workers: int, threads: int) -> None:
+    """Serve with gunicorn (several workers need a shared cache: set ORMCACHE_URL)."""
+    url = os.environ.get("ORMCACHE_URL", "memory://")
+    if workers > 1 and url.startswith("memory"):
+        raise click.UsageError(
+            "several workers cannot share the in-process memory cache: a commit in one "
+            "worker would not invalidate the others. Set ORMCACHE_URL=redis://... "
+            "or use --workers 1"
+        )
+    gunicorn = shutil.which("gunicorn")
+    if gunicorn is None:
+        raise click.ClickException("gunicorn is not installed: pip install 'ormcache[all]'")
+    click.echo(f"serving on http://{host}:{port} (workers={workers}, cache={url.split('@')[-1]})")
+    cmd = [
+        gunicorn,
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',
+        "examples.keyservice:create_app()",
+    ]
+    sys.exit(subprocess.call(cmd))
+
+
+@cli.command()
+@click.option("--users", default=200, show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, users: int, port: int) -> None:
+    """Seed demo users, then serve: the main job on SQLite plus the in-memory cache."""
+    ctx.invoke(seed, users=users)
+    ctx.invoke(serve, host="127.0.0.1", port=port, workers=1, threads=4)
+
+
+if __name__ == "__main__":
+    cli()
