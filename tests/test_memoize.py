@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import DetachedInstanceError, Session, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.orm.exc import DetachedInstanceError
 
 from ormcache import Cache, OrmCacheError, UncacheableValueError
 from ormcache.errors import ConfigurationError
@@ -44,7 +45,12 @@ def test_hit_returns_detached_snapshot_with_loaded_attributes(
     miss, hit = with_addresses(keys[0]), with_addresses(keys[0])
     assert cache.stats().hits == 1
     assert [a.city for a in hit.addresses] == [a.city for a in miss.addresses]
-    assert all(a.user is hit for a in hit.addresses)
+    # The reverse side is loaded in the hit exactly when it was in the miss.
+    from sqlalchemy import inspect
+
+    for a_hit, a_miss in zip(hit.addresses, miss.addresses):
+        assert ("user" in inspect(a_hit).dict) == ("user" in inspect(a_miss).dict)
+        assert inspect(a_hit).detached
     bare(keys[0])
     hit_bare = bare(keys[0])
     assert hit_bare.name == "user0"

@@ -267,7 +267,7 @@ class Cache:
         session: Session | None
         if merge is True:
             scoped = self._attached_scoped
-            if scoped is None or not scoped.registry.has():
+            if scoped is None:
                 return value
             session = scoped()
         elif callable(merge):

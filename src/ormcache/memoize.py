@@ -81,14 +81,14 @@ class Memoized(Generic[P, R]):
         # call makes, and inside a transaction with uncommitted writes the cache may hold
         # data older than those writes: in both cases compute instead of looking up.
         if active_reads() or pending_write_tags():
-            cache.stats.incr("bypasses")
+            cache.stats_counters.incr("bypasses")
         else:
             data = cache.guard.get(key)
             if data is not None:
                 try:
                     value = cache.codec.decode(data)
                 except CorruptPayloadError as exc:
-                    cache.stats.incr("corrupt")
+                    cache.stats_counters.incr("corrupt")
                     cache.guard.log.warning(
                         "corrupt",
                         "ormcache: dropped an undecodable entry of %s: %s",
@@ -97,23 +97,19 @@ class Memoized(Generic[P, R]):
                     )
                     cache.guard.delete([key])
                 else:
-                    cache.stats.incr("hits")
+                    cache.stats_counters.incr("hits")
                     return self._deliver(value)  # type: ignore[no-any-return]
-            cache.stats.incr("misses")
+            cache.stats_counters.incr("misses")
         return self._compute(key, args, kwargs)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop the entry for these arguments (the same binding rules as a call)."""
         self._cache.guard.delete([self._keyer(args, kwargs)])
-        self._cache.stats.incr("invalidations")
+        self._cache.stats_counters.incr("invalidations")
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The backend key for these arguments; argument values appear only hashed."""
         return self._keyer(args, kwargs)
-
-    @property
-    def __wrapped__(self) -> Callable[P, R]:
-        return self._fn
 
     def rebind(self) -> None:
         """Pick up a reconfigured cache's codec (``init_app`` after decoration)."""
@@ -145,7 +141,7 @@ class Memoized(Generic[P, R]):
         if instances and cache.tracks_loads:
             stale = cache.stale_instance(instances, ctx)
             if stale is not None:
-                cache.stats.incr("bypasses")
+                cache.stats_counters.incr("bypasses")
                 logger.debug(
                     "ormcache: not storing %s: %s came from the identity map, loaded "
                     "before this call, so it may predate the snapshot",
@@ -169,7 +165,7 @@ class Memoized(Generic[P, R]):
         return self._fn(*args, **kwargs)
 
     def _report_uncacheable(self, exc: UncacheableValueError) -> None:
-        self._cache.stats.incr("uncacheable")
+        self._cache.stats_counters.incr("uncacheable")
         if self.strict:
             raise exc
         if not self._warned_uncacheable:

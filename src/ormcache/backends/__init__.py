@@ -1,0 +1,36 @@
+"""Backends by URL scheme, imported lazily so memory-only users never import redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import AsyncBackend, Backend, Snapshot
+
+__all__ = ["AsyncBackend", "Backend", "Snapshot", "create_backend"]
+
+SCHEMES = ("memory://", "redis://", "rediss://")
+
+
+def create_backend(url: str, namespace: str, **options: Any) -> Backend:
+    """The backend for ``url``; ``options`` go to its constructor (timeouts, sizes)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        from .memory import MemoryBackend
+
+        return MemoryBackend(namespace, **options)
+    if scheme in ("redis", "rediss"):
+        try:
+            from .redis import RedisBackend
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ConfigurationError(
+                f"{url.split('@')[-1]!r} needs the redis client: pip install 'ormcache[redis]'"
+            ) from exc
+        return RedisBackend.from_url(url, namespace, **options)
+    if scheme in ("redis+sentinel", "redis+cluster"):
+        raise ConfigurationError(
+            f"{scheme}:// is not supported yet; use redis:// (standalone) for now"
+        )
+    raise ConfigurationError(
+        f"unsupported cache URL scheme {scheme or url!r}; use one of {', '.join(SCHEMES)}"
+    )

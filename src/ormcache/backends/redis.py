@@ -1,0 +1,308 @@
+"""Redis (or Valkey) standalone backend: each protocol step is one Lua script.
+
+Key layout, all under the namespace: ``{ns}:e:{key}`` entries, ``{ns}:g:{tag}``
+generations (decimal strings), ``{ns}:l:{tag}`` leases (a sorted set of token → expiry in
+ms, by the server's clock).
+
+An entry's value is ``b"OCE1"``, a 2-byte header length, the header (``tag\\ngen\\n`` per
+tag) and the payload. The ``get`` script checks every recorded generation against the
+current one and returns the payload in the same round trip, so a hit costs one EVALSHA.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ..errors import BackendError
+from .base import Snapshot
+
+__all__ = ["RedisBackend"]
+
+T = TypeVar("T")
+
+_ENTRY_MAGIC = b"OCE1"
+_MAX_HEADER = 65535
+
+# A miss unless the entry exists, parses, and every generation it recorded is current.
+_GET = """
+local v = redis.call('GET', KEYS[1])
+if not v or #v < 6 or string.sub(v, 1, 4) ~= 'OCE1' then return false end
+local hl = string.byte(v, 5) * 256 + string.byte(v, 6)
+if #v < 6 + hl then return false end
+local header = string.sub(v, 7, 6 + hl)
+local keys, gens, pos = {}, {}, 1
+while pos <= hl do
+  local a = string.find(header, '\\n', pos, true)
+  if not a then return false end
+  local b = string.find(header, '\\n', a + 1, true)
+  if not b then return false end
+  keys[#keys + 1] = ARGV[1] .. string.sub(header, pos, a - 1)
+  gens[#gens + 1] = string.sub(header, a + 1, b - 1)
+  pos = b + 1
+end
+if #keys > 0 then
+  local cur = redis.call('MGET', unpack(keys))
+  for i = 1, #keys do
+    if cur[i] ~= gens[i] then return false end
+  end
+end
+return string.sub(v, 7 + hl)
+"""
+
+# Shared by the scripts below: is any of the lease keys KEYS[first..last] held?
+_LEASED = """
+local function leased(first, last)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = first, last do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+      if redis.call('ZCARD', KEYS[i]) > 0 then return true end
+    end
+  end
+  return false
+end
+"""
+
+# KEYS: n generation keys, then n lease keys. ARGV: fresh value, generation ttl ms, n.
+_SNAPSHOT = (
+    _LEASED
+    + """
+local n = tonumber(ARGV[3])
+if leased(n + 1, 2 * n) then return false end
+local out = {}
+for i = 1, n do
+  local g = redis.call('GET', KEYS[i])
+  if not g then
+    g = ARGV[1]
+    redis.call('SET', KEYS[i], g, 'PX', ARGV[2])
+  end
+  out[i] = g
+end
+return out
+"""
+)
+
+# KEYS: entry, n generation keys, n lease keys. ARGV: value, ttl ms (0: none), n, gens...
+_SET = (
+    _LEASED
+    + """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  if redis.call('GET', KEYS[1 + i]) ~= ARGV[3 + i] then return 0 end
+end
+if leased(n + 2, 2 * n + 1) then return 0 end
+if ARGV[2] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+)
+
+# A missing generation restarts at a fresh random value, never at INCR's 1, which could
+# equal a generation recorded before the key vanished.
+_BUMP_FN = """
+local function bump(first, last, fresh, ttl)
+  for i = first, last do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCR', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], fresh)
+    end
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+"""
+
+# KEYS: generation keys. ARGV: fresh value, generation ttl ms.
+_BUMP = _BUMP_FN + "bump(1, #KEYS, ARGV[1], ARGV[2])\nreturn 1\n"
+
+# KEYS: n generation keys, n lease keys. ARGV: fresh, gen ttl ms, n, token, lease ttl ms.
+_ACQUIRE = (
+    _BUMP_FN
+    + """
+local n = tonumber(ARGV[3])
+bump(1, n, ARGV[1], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[5])
+for i = n + 1, 2 * n do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[4])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return 1
+"""
+)
+
+# KEYS: n generation keys, n lease keys. ARGV: fresh, gen ttl ms, n, token.
+_RELEASE = (
+    _BUMP_FN
+    + """
+local n = tonumber(ARGV[3])
+bump(1, n, ARGV[1], ARGV[2])
+for i = n + 1, 2 * n do
+  redis.call('ZREM', KEYS[i], ARGV[4])
+end
+return 1
+"""
+)
+
+
+def _fresh() -> int:
+    return secrets.randbits(62)
+
+
+def _check_tag(tag: str) -> str:
+    if "\n" in tag or not tag.isascii():
+        raise ValueError(f"tags must be ASCII without newlines, got {tag!r}")
+    return tag
+
+
+class RedisBackend:
+    """One Redis connection pool; every method is one round trip."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        *,
+        generation_ttl: float = 86400.0,
+        where: str = "Redis",
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.where = where
+        self._gen_ttl_ms = str(int(generation_ttl * 1000))
+        self._e = f"{namespace}:e:"
+        self._g = f"{namespace}:g:"
+        self._l = f"{namespace}:l:"
+        self._get = client.register_script(_GET)
+        self._snapshot = client.register_script(_SNAPSHOT)
+        self._set = client.register_script(_SET)
+        self._bump = client.register_script(_BUMP)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        namespace: str,
+        *,
+        socket_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        generation_ttl: float = 86400.0,
+        **options: Any,
+    ) -> RedisBackend:
+        """Timeouts default low: a cache that waits seconds for Redis is an outage."""
+        parts = urlsplit(url)
+        where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # No client-side retries: each would add another timeout to a request.
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
+        return cls(client, namespace, generation_ttl=generation_ttl, where=where)
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _run(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except redis.exceptions.TimeoutError as exc:
+            raise BackendError(
+                f"{self.where} did not answer {what} in time ({exc}); it is overloaded or "
+                "unreachable, or socket_timeout is too low"
+            ) from exc
+        except redis.exceptions.ConnectionError as exc:
+            raise BackendError(
+                f"{self.where} refused or dropped the connection during {what} ({exc}); "
+                "check that it is running and that ORMCACHE_URL points at it"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"{self.where} failed {what}: {type(exc).__name__}: {exc}") from exc
+
+    def _gen_keys(self, tags: Sequence[str]) -> list[str]:
+        return [self._g + _check_tag(t) for t in tags]
+
+    def _lease_keys(self, tags: Sequence[str]) -> list[str]:
+        return [self._l + t for t in tags]
+
+    # -- Backend ----------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        value = self._run("get", lambda: self._get(keys=[self._e + key], args=[self._g]))
+        return value if value else None  # type: ignore[return-value]
+
+    def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
+        ordered = tuple(sorted(set(tags)))
+        keys = self._gen_keys(ordered) + self._lease_keys(ordered)
+        args = [_fresh(), self._gen_ttl_ms, len(ordered)]
+        gens = self._run("snapshot", lambda: self._snapshot(keys=keys, args=args))
+        if gens is None:
+            return None
+        return Snapshot(ordered, tuple(int(g) for g in gens))  # type: ignore[union-attr]
+
+    def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
+        header = b"".join(f"{t}\n{g}\n".encode() for t, g in zip(snapshot.tags, snapshot.gens))
+        if len(header) > _MAX_HEADER:
+            return False
+        value = _ENTRY_MAGIC + len(header).to_bytes(2, "big") + header + payload
+        ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
+        keys = [self._e + key] + self._gen_keys(snapshot.tags) + self._lease_keys(snapshot.tags)
+        args: list[Any] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
+        return bool(self._run("set", lambda: self._set(keys=keys, args=args)))
+
+    def delete(self, keys: Sequence[str]) -> None:
+        if keys:
+            self._run("delete", lambda: self.client.unlink(*[self._e + k for k in keys]))
+
+    def bump(self, tags: Sequence[str]) -> None:
+        if tags:
+            keys = self._gen_keys(tags)
+            self._run("bump", lambda: self._bump(keys=keys, args=[_fresh(), self._gen_ttl_ms]))
+
+    def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        if not tags:
+            return
+        keys = self._gen_keys(tags) + self._lease_keys(tags)
+        args = [_fresh(), self._gen_ttl_ms, len(tags), token, max(1, int(ttl * 1000))]
+        self._run("lease", lambda: self._acquire(keys=keys, args=args))
+
+    def release_lease(self, tags: Sequence[str], token: str) -> None:
+        if not tags:
+            return
+        keys = self._gen_keys(tags) + self._lease_keys(tags)
+        args = [_fresh(), self._gen_ttl_ms, len(tags), token]
+        self._run("release", lambda: self._release(keys=keys, args=args))
+
+    def clear(self) -> None:
+        """Delete this namespace's entries and generations in batches (SCAN + UNLINK,
+        never FLUSHDB). Leases stay: a writer mid-commit must still block stores."""
+
+        def run() -> None:
+            batch: list[bytes] = []
+            for prefix in (self._e, self._g):
+                for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        self.client.unlink(*batch)
+                        batch.clear()
+            if batch:
+                self.client.unlink(*batch)
+
+        self._run("clear", run)
+
+    def close(self) -> None:
+        self.client.close()

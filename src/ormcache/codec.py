@@ -1,0 +1,597 @@
+"""The snapshot format: typed, versioned msgpack. No pickle, no imports, no code.
+
+A payload is ``b"OC" + version + flags [+ HMAC-SHA256] + body``. The body is three
+msgpack objects in a row:
+
+1. the mappers it uses, each ``[registry key, schema fingerprint]``;
+2. the instances, each ``[mapper index, identity, column values, relationships]``, where
+   relationships name other instances by index, so shared and cyclic references survive;
+3. the value itself, in which an instance is an ``INSTANCE`` extension holding an index.
+
+Decoding builds only what this process has registered: mapped classes found in
+SQLAlchemy's registries (looked up by key, never imported), Enum classes and custom types
+registered with :meth:`Codec.register_type`. Any payload that fails any check raises
+:class:`~ormcache.errors.CorruptPayloadError`, which the cache treats as a miss.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import hmac
+import sys
+import threading
+import uuid
+import zoneinfo
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import msgpack
+from sqlalchemy import inspect
+from sqlalchemy.engine import Row
+from sqlalchemy.engine.result import result_tuple
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.sqltypes import Enum as SAEnum
+
+from .errors import CorruptPayloadError, UncacheableValueError
+
+__all__ = ["Codec", "as_dict"]
+
+T = TypeVar("T")
+
+MAGIC = b"OC"
+VERSION = 1
+FLAG_SIGNED = 1
+_HEADER = 4
+_DIGEST = 32
+_INT64 = (-(2**63), 2**64 - 1)
+
+# Extension type codes (part of the format: never renumber).
+MISSING, TUPLE, SET, FROZENSET, BIGINT, DATETIME, DATE, TIME = 0, 1, 2, 3, 4, 5, 6, 7
+TIMEDELTA, DECIMAL, UUID, ENUM, ROW, INSTANCE, CUSTOM, IDENTITY = 8, 9, 10, 11, 12, 13, 14, 15
+
+_MISSING_EXT = msgpack.ExtType(MISSING, b"")
+_SA_STATE = "_sa_instance_state"
+
+
+class _Missing:
+    """An unloaded column inside a decoded instance row."""
+
+
+_MISSING = _Missing()
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=1)
+def _zone_keys() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+@lru_cache(maxsize=256)
+def _row_factory(fields: tuple[str, ...]) -> Callable[[Any], Row[Any]]:
+    return result_tuple(fields)
+
+
+def _bigint_bytes(value: int) -> bytes:
+    length = (value.bit_length() + 8) // 8
+    return value.to_bytes(length, "big", signed=True)
+
+
+class _MapperInfo:
+    """What the codec needs of a mapper, computed once: attribute order and fingerprint."""
+
+    __slots__ = ("columns", "fingerprint", "key", "mapper", "relationships")
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        cls = mapper.class_
+        self.key = f"{cls.__module__}:{cls.__qualname__}"
+        self.columns: tuple[str, ...] = tuple(p.key for p in mapper.column_attrs)
+        self.relationships: tuple[tuple[str, bool, Any], ...] = tuple(
+            (r.key, bool(r.uselist), r.collection_class) for r in mapper.relationships
+        )
+        parts: list[str] = [self.key]
+        for prop in mapper.column_attrs:
+            for col in prop.columns:
+                parts.append(f"{prop.key}:{getattr(col, 'name', '')}:{type(col.type).__name__}")
+                parts.append(repr(col.type))
+        parts.extend(f"rel:{k}:{u}" for k, u, _ in self.relationships)
+        self.fingerprint = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
+
+
+class _Encoder:
+    """One encode call: converts the value to msgpack-native objects, collecting instances."""
+
+    __slots__ = ("canonical", "codec", "instances", "mappers", "memo", "on_instance", "queue")
+
+    def __init__(
+        self, codec: Codec, on_instance: Callable[[object], None] | None, canonical: bool
+    ) -> None:
+        self.codec = codec
+        self.on_instance = on_instance
+        self.canonical = canonical
+        self.mappers: dict[Mapper[Any], int] = {}
+        self.memo: dict[int, int] = {}
+        self.instances: list[Any] = []
+        self.queue: list[tuple[int, Any, _MapperInfo, str]] = []
+
+    def mapper_index(self, info: _MapperInfo) -> int:
+        idx = self.mappers.get(info.mapper)
+        if idx is None:
+            idx = self.mappers[info.mapper] = len(self.mappers)
+        return idx
+
+    def instance(self, obj: object, state: InstanceState[Any], path: str) -> Any:
+        if self.canonical:
+            if state.key is None:
+                raise UncacheableValueError(
+                    f"{path} is a {type(obj).__name__} without an identity (not yet "
+                    "flushed); pass its primary key instead",
+                    path=path,
+                )
+            info = self.codec.mapper_info(state.mapper)
+            return msgpack.ExtType(
+                IDENTITY, _pack([info.key, [self.enc(v, path) for v in state.key[1]]])
+            )
+        idx = self.memo.get(id(obj))
+        if idx is None:
+            idx = self.memo[id(obj)] = len(self.instances)
+            self.instances.append(None)
+            info = self.codec.mapper_info(state.mapper)
+            self.queue.append((idx, obj, info, path))
+            if self.on_instance is not None:
+                self.on_instance(obj)
+        return idx
+
+    def fill(self) -> None:
+        """Snapshot queued instances; relationships queue more (breadth-first, no recursion)."""
+        while self.queue:
+            idx, obj, info, path = self.queue.pop()
+            state: InstanceState[Any] = obj._sa_instance_state  # type: ignore[attr-defined]
+            d = state.dict
+            cols = [self.enc(d[k], f"{path}.{k}") if k in d else _MISSING_EXT for k in info.columns]
+            rels: dict[str, Any] = {}
+            for key, uselist, collection_class in info.relationships:
+                if key not in d:
+                    continue
+                value = d[key]
+                rpath = f"{path}.{key}"
+                if value is None:
+                    rels[key] = None
+                elif uselist:
+                    if not isinstance(value, (list, set)):
+                        raise UncacheableValueError(
+                            f"{rpath} is a {type(value).__name__} collection; ormcache stores "
+                            "list and set collections only",
+                            path=rpath,
+                        )
+                    rels[key] = [
+                        self.instance(v, v._sa_instance_state, f"{rpath}[{i}]")
+                        for i, v in enumerate(value)
+                    ]
+                else:
+                    rels[key] = self.instance(value, value._sa_instance_state, rpath)
+            identity = None if state.key is None else [list(state.key[1]), state.key[2]]
+            if identity is not None:
+                identity[0] = [self.enc(v, path) for v in identity[0]]
+            self.instances[idx] = [self.mapper_index(info), identity, cols, rels]
+
+    def enc(self, v: object, path: str) -> Any:
+        t = type(v)
+        if t is str or t is float or t is bool or v is None or t is bytes:
+            return v
+        if t is int:
+            if _INT64[0] <= v <= _INT64[1]:  # type: ignore[operator]
+                return v
+            return msgpack.ExtType(BIGINT, _bigint_bytes(v))  # type: ignore[arg-type]
+        if t is list:
+            return [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]  # type: ignore[attr-defined]
+        if t is dict:
+            return self.enc_dict(v, path)  # type: ignore[arg-type]
+        if t is tuple:
+            items = [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]  # type: ignore[attr-defined]
+            return msgpack.ExtType(TUPLE, _pack(items))
+        state = getattr(v, _SA_STATE, None)
+        if state is not None and isinstance(state, InstanceState) and not isinstance(v, type):
+            ref = self.instance(v, state, path)
+            return ref if self.canonical else msgpack.ExtType(INSTANCE, _pack(ref))
+        return self.enc_other(v, t, path)
+
+    def enc_dict(self, v: dict[Any, Any], path: str) -> Any:
+        out = {}
+        for k, x in v.items():
+            kpath = f"{path}[{k!r}]"
+            if k == _SA_STATE and isinstance(x, InstanceState):
+                raise UncacheableValueError(
+                    f"{kpath} is SQLAlchemy internal state; return the object or "
+                    "ormcache.as_dict(obj)",
+                    path=kpath,
+                )
+            out[self.enc(k, kpath)] = self.enc(x, kpath)
+        if self.canonical:
+            return msgpack.ExtType(SET, _pack(sorted(_pack([k, x]) for k, x in out.items())))
+        return out
+
+    def enc_other(self, v: Any, t: type, path: str) -> Any:
+        if t is dt.datetime:
+            return msgpack.ExtType(DATETIME, _pack(self.clock_parts(v, v.isoformat(), path)))
+        if t is dt.date:
+            return msgpack.ExtType(DATE, v.isoformat().encode())
+        if t is dt.time:
+            return msgpack.ExtType(TIME, _pack(self.clock_parts(v, v.isoformat(), path)))
+        if t is dt.timedelta:
+            return msgpack.ExtType(TIMEDELTA, _pack([v.days, v.seconds, v.microseconds]))
+        if t is decimal.Decimal:
+            return msgpack.ExtType(DECIMAL, str(v).encode())
+        if t is uuid.UUID:
+            return msgpack.ExtType(UUID, v.bytes)
+        if t is set or t is frozenset:
+            items = [self.enc(x, f"{path}{{…}}") for x in v]
+            packed = sorted(_pack(x) for x in items) if self.canonical else items
+            return msgpack.ExtType(SET if t is set else FROZENSET, _pack(packed))
+        if isinstance(v, Row):
+            fields = list(v._fields)
+            values = [self.enc(x, f"{path}.{f}") for f, x in zip(fields, v)]
+            return msgpack.ExtType(ROW, _pack([fields, values]))
+        if isinstance(v, enum.Enum):
+            name = self.codec.register_enum(t)
+            return msgpack.ExtType(ENUM, _pack([name, self.enc(v.value, f"{path}.value")]))
+        custom = self.codec._custom_by_type.get(t)
+        if custom is not None:
+            name, encode, _ = custom
+            return msgpack.ExtType(CUSTOM, _pack([name, self.enc(encode(v), path)]))
+        if isinstance(v, InstanceState):
+            raise UncacheableValueError(
+                f"{path} is SQLAlchemy internal state; return the object or ormcache.as_dict(obj)",
+                path=path,
+            )
+        if isinstance(v, dict):
+            raise UncacheableValueError(
+                f"{path} is a {t.__name__}, which would come back as a plain dict; "
+                "convert it with dict(...) first",
+                path=path,
+            )
+        if isinstance(v, (bytearray, memoryview)):
+            raise UncacheableValueError(
+                f"{path} is a {t.__name__}; return bytes(...) instead", path=path
+            )
+        raise UncacheableValueError(
+            f"{path} is a {t.__module__}.{t.__qualname__}, which ormcache cannot store; "
+            "convert it to a supported type or register it with Codec.register_type()",
+            path=path,
+        )
+
+    def clock_parts(self, v: dt.datetime | dt.time, iso: str, path: str) -> list[Any]:
+        tz = v.tzinfo
+        if tz is None:
+            return [iso, v.fold]
+        naive = v.replace(tzinfo=None).isoformat()
+        if isinstance(tz, zoneinfo.ZoneInfo) and tz.key in _zone_keys():
+            return [naive, v.fold, "z", tz.key]
+        offset = v.utcoffset()
+        if offset is None:
+            raise UncacheableValueError(f"{path} has a tzinfo without an offset", path=path)
+        name = tz.tzname(v) if isinstance(tz, dt.timezone) else None
+        if isinstance(tz, dt.timezone) and name == dt.timezone(offset).tzname(v):
+            name = None
+        return [naive, v.fold, "o", int(offset / dt.timedelta(microseconds=1)), name]
+
+
+class _Decoder:
+    __slots__ = ("codec", "objects")
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.objects: list[Any] = []
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data, ext_hook=self.ext, raw=False, strict_map_key=False, use_list=True
+        )
+
+    def ext(self, code: int, data: bytes) -> Any:
+        if code == INSTANCE:
+            return self.objects[self.unpack(data)]
+        if code == TUPLE:
+            items = self.unpack(data)
+            if type(items) is not list:
+                raise ValueError("tuple")
+            return tuple(items)
+        if code == SET or code == FROZENSET:
+            items = self.unpack(data)
+            if type(items) is not list:
+                raise ValueError("set")
+            return set(items) if code == SET else frozenset(items)
+        if code == DATETIME:
+            return self.clock(self.unpack(data), dt.datetime.fromisoformat)
+        if code == DATE:
+            return dt.date.fromisoformat(data.decode("ascii"))
+        if code == TIME:
+            return self.clock(self.unpack(data), dt.time.fromisoformat)
+        if code == TIMEDELTA:
+            days, seconds, micros = self.unpack(data)
+            return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+        if code == DECIMAL:
+            return decimal.Decimal(data.decode("ascii"))
+        if code == UUID:
+            return uuid.UUID(bytes=data)
+        if code == BIGINT:
+            return int.from_bytes(data, "big", signed=True)
+        if code == ROW:
+            fields, values = self.unpack(data)
+            if not all(type(f) is str for f in fields) or len(fields) != len(values):
+                raise ValueError("row")
+            return _row_factory(tuple(fields))(values)
+        if code == ENUM:
+            name, value = self.unpack(data)
+            cls = self.codec._enums_by_name.get(name)
+            if cls is None:
+                raise ValueError("unknown enum")
+            return cls(value)
+        if code == CUSTOM:
+            name, value = self.unpack(data)
+            custom = self.codec._custom_by_name.get(name)
+            if custom is None:
+                raise ValueError("unknown custom type")
+            return custom(value)
+        if code == MISSING:
+            return _MISSING
+        raise ValueError(f"unknown extension {code}")
+
+    @staticmethod
+    def clock(parts: list[Any], parse: Callable[[str], Any]) -> Any:
+        value = parse(parts[0])
+        if value.tzinfo is not None:
+            raise ValueError("naive part carries a zone")
+        fold = parts[1]
+        if fold not in (0, 1):
+            raise ValueError("fold")
+        tz: dt.tzinfo | None = None
+        if len(parts) > 2:
+            if parts[2] == "z":
+                if parts[3] not in _zone_keys():
+                    raise ValueError("zone")
+                tz = zoneinfo.ZoneInfo(parts[3])
+            elif parts[2] == "o":
+                offset = dt.timedelta(microseconds=parts[3])
+                tz = dt.timezone(offset, parts[4]) if parts[4] is not None else dt.timezone(offset)
+            else:
+                raise ValueError("tz kind")
+        return value.replace(tzinfo=tz, fold=fold)
+
+
+class Codec:
+    """Encodes values to payloads and back; one per ``Cache``.
+
+    Thread-safe: registries are only ever added to, under a lock.
+    """
+
+    def __init__(self, *, secret: bytes | None = None) -> None:
+        self._secret = secret
+        self._lock = threading.Lock()
+        self._mappers: dict[Mapper[Any], _MapperInfo] = {}
+        self._mappers_by_key: dict[str, _MapperInfo] = {}
+        self._enums_by_name: dict[str, type[enum.Enum]] = {}
+        self._enum_names: dict[type[enum.Enum], str] = {}
+        self._custom_by_type: dict[
+            type, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]
+        ] = {}
+        self._custom_by_name: dict[str, Callable[[Any], Any]] = {}
+
+    # -- registries -------------------------------------------------------------------
+    def register_type(
+        self,
+        cls: type[T],
+        *,
+        name: str,
+        encode: Callable[[T], Any],
+        decode: Callable[[Any], T],
+    ) -> None:
+        """The one hook for custom types: ``encode`` must return a storable value and
+        ``decode`` must rebuild the object from it. ``name`` goes into payloads, so keep
+        it stable across releases."""
+        with self._lock:
+            self._custom_by_type[cls] = (name, encode, decode)
+            self._custom_by_name[name] = decode
+
+    def register_enum(self, cls: type[enum.Enum]) -> str:
+        """Allow ``cls`` members in payloads (done automatically for mapped Enum columns
+        and for enums met while encoding); returns its registry name."""
+        name = self._enum_names.get(cls)
+        if name is None:
+            name = f"{cls.__module__}:{cls.__qualname__}"
+            with self._lock:
+                self._enum_names[cls] = name
+                self._enums_by_name[name] = cls
+        return name
+
+    def mapper_info(self, mapper: Mapper[Any]) -> _MapperInfo:
+        info = self._mappers.get(mapper)
+        if info is None:
+            info = _MapperInfo(mapper)
+            with self._lock:
+                self._mappers[mapper] = info
+                self._mappers_by_key[info.key] = info
+            for prop in mapper.column_attrs:
+                for col in prop.columns:
+                    enum_class = getattr(col.type, "enum_class", None)
+                    if isinstance(col.type, SAEnum) and isinstance(enum_class, type):
+                        self.register_enum(enum_class)
+        return info
+
+    def _lookup_mapper(self, key: str) -> _MapperInfo | None:
+        info = self._mappers_by_key.get(key)
+        if info is not None:
+            return info
+        # A mapper this process has not encoded yet: look through SQLAlchemy's own
+        # registries (never import anything named in the payload).
+        mapperlib = sys.modules.get("sqlalchemy.orm.mapper")
+        registries = getattr(mapperlib, "_all_registries", None)
+        if registries is None:
+            return None
+        for registry in registries():
+            for mapper in registry.mappers:
+                cls = mapper.class_
+                if f"{cls.__module__}:{cls.__qualname__}" == key:
+                    return self.mapper_info(mapper)
+        return None
+
+    # -- encode -----------------------------------------------------------------------
+    def encode(
+        self, value: object, *, on_instance: Callable[[object], None] | None = None
+    ) -> bytes:
+        """The payload for ``value``; raises UncacheableValueError naming the bad part."""
+        enc = _Encoder(self, on_instance, canonical=False)
+        root = enc.enc(value, "value")
+        enc.fill()
+        mappers = [None] * len(enc.mappers)
+        for mapper, idx in enc.mappers.items():
+            info = self._mappers[mapper]
+            mappers[idx] = [info.key, info.fingerprint]  # type: ignore[call-overload]
+        if enc.instances:
+            body = _pack(mappers) + _pack(enc.instances) + _pack(root)
+        else:
+            body = b"\x90\x90" + _pack(root)
+        if self._secret is None:
+            return MAGIC + bytes((VERSION, 0)) + body
+        digest = hmac.digest(self._secret, body, "sha256")
+        return MAGIC + bytes((VERSION, FLAG_SIGNED)) + digest + body
+
+    def canonical(self, value: object) -> bytes:
+        """Deterministic bytes for hashing arguments into keys (not decodable)."""
+        enc = _Encoder(self, None, canonical=True)
+        return _pack(enc.enc(value, "value"))
+
+    # -- decode -----------------------------------------------------------------------
+    def decode(self, data: bytes) -> object:
+        """The value in a payload; CorruptPayloadError for anything not written by us."""
+        try:
+            return self._decode(data)
+        except CorruptPayloadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hostile input: every failure is a miss
+            raise CorruptPayloadError(
+                f"payload could not be decoded ({type(exc).__name__})"
+            ) from exc
+
+    def _decode(self, data: bytes) -> object:
+        if type(data) is not bytes:
+            data = bytes(data)
+        if len(data) < _HEADER or data[:2] != MAGIC:
+            raise CorruptPayloadError("not an ormcache payload (bad magic)")
+        if data[2] != VERSION:
+            raise CorruptPayloadError(f"payload version {data[2]} is not {VERSION}")
+        flags = data[3]
+        if flags & ~FLAG_SIGNED:
+            raise CorruptPayloadError("unknown payload flags")
+        signed = bool(flags & FLAG_SIGNED)
+        if signed != (self._secret is not None):
+            raise CorruptPayloadError(
+                "payload signature mode differs from this cache's (secret set on one side only)"
+            )
+        body = data[_HEADER:]
+        if signed:
+            assert self._secret is not None
+            digest, body = body[:_DIGEST], body[_DIGEST:]
+            if len(digest) != _DIGEST or not hmac.compare_digest(
+                digest, hmac.digest(self._secret, body, "sha256")
+            ):
+                raise CorruptPayloadError("payload signature does not match")
+        dec = _Decoder(self)
+        unpacker = msgpack.Unpacker(
+            None,
+            ext_hook=dec.ext,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            max_buffer_size=max(len(body), 1),
+        )
+        unpacker.feed(body)
+        mappers_raw = unpacker.unpack()
+        instances_raw = unpacker.unpack()
+        if type(mappers_raw) is not list or type(instances_raw) is not list:
+            raise CorruptPayloadError("malformed payload header")
+        infos = []
+        for entry in mappers_raw:
+            key, fingerprint = entry
+            info = self._lookup_mapper(key)
+            if info is None:
+                raise CorruptPayloadError("payload names a mapper this process does not know")
+            if info.fingerprint != fingerprint:
+                raise CorruptPayloadError("schema changed since the payload was written")
+            infos.append(info)
+        if instances_raw:
+            self._build_instances(dec, infos, instances_raw)
+        root = unpacker.unpack()
+        try:
+            unpacker.unpack()
+        except msgpack.OutOfData:
+            return root
+        raise CorruptPayloadError("trailing data after payload")
+
+    def _build_instances(self, dec: _Decoder, infos: list[_MapperInfo], raw: list[Any]) -> None:
+        objects = dec.objects
+        pending: list[tuple[Any, _MapperInfo, dict[str, Any]]] = []
+        for item in raw:
+            mapper_idx, identity, cols, rels = item
+            info = infos[mapper_idx]
+            if len(cols) != len(info.columns) or type(rels) is not dict:
+                raise CorruptPayloadError("instance does not match its mapper")
+            obj = info.mapper.class_manager.new_instance()
+            state: InstanceState[Any] = obj._sa_instance_state
+            d = state.dict
+            for key, value in zip(info.columns, cols):
+                if value is not _MISSING:
+                    d[key] = value
+            if identity is not None:
+                pk, token = identity
+                state.key = info.mapper.identity_key_from_primary_key(
+                    tuple(pk), identity_token=token
+                )
+            objects.append(obj)
+            if rels:
+                pending.append((obj, info, rels))
+        for obj, info, rels in pending:
+            known = {k: (u, c) for k, u, c in info.relationships}
+            for key, ref in rels.items():
+                if key not in known:
+                    raise CorruptPayloadError("unknown relationship in payload")
+                uselist, collection_class = known[key]
+                if ref is None:
+                    value: Any = None
+                elif uselist:
+                    items = [objects[i] for i in ref]
+                    value = set(items) if collection_class is set else items
+                else:
+                    value = objects[ref]
+                set_committed_value(obj, key, value)
+
+
+def as_dict(obj: object) -> dict[str, Any]:
+    """The mapped instance's column attributes as a plain dict, ready to cache.
+
+    Use it instead of ``obj.__dict__``, which carries ``_sa_instance_state`` (the seed's
+    outage). Loaded attributes are read as they are; unloaded non-deferred ones are read
+    normally (which may refresh an expired object); unloaded deferred ones are skipped.
+    """
+    state: Any = inspect(obj, raiseerr=False)
+    if state is None or not hasattr(state, "mapper"):
+        raise UncacheableValueError(
+            f"as_dict() takes a mapped instance, got a {type(obj).__name__}", path="value"
+        )
+    out: dict[str, Any] = {}
+    loaded = state.dict
+    for prop in state.mapper.column_attrs:
+        if prop.key in loaded:
+            out[prop.key] = loaded[prop.key]
+        elif not prop.deferred:
+            out[prop.key] = getattr(obj, prop.key)
+    return out
