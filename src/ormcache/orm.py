@@ -680,7 +680,10 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         snap = cache.guard.snapshot(all_tags)
     result = state.invoke_statement()
     frozen = result.freeze()
-    rows_out = [tuple(r) for r in frozen.data]
+    if frozen._source_supports_scalars:
+        rows_out = [(x,) for x in frozen.data]
+    else:
+        rows_out = [tuple(r) for r in frozen.data]
     if snap is not None and fresh and not pending_write_tags():
         try:
             payload = cache.codec.encode([list(result.keys()), rows_out])
