@@ -66,6 +66,7 @@ def reader(
     n_rows: int,
     seed: int,
     results: Any,
+    progress: Any,
 ) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
 
@@ -92,6 +93,9 @@ def reader(
         floor = published[row - 1].value
         got = read(row)
         reads += 1
+        if reads % 100 == 0:
+            with progress.get_lock():
+                progress.value += 100
         if got < floor:
             stale += 1
             worst = max(worst, floor - got)
