@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Integer, create_engine, select
+from sqlalchemy import Integer, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from ormcache import Cache, FromCache
@@ -39,6 +39,9 @@ def writer(
     db_url: str, redis_url: str, namespace: str, published: Any, stop: Any, n_rows: int, seed: int
 ) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
+    # A slow COMMIT (as with fsync latency) widens the window between the write lease and
+    # the data becoming visible: exactly where a broken protocol would store stale data.
+    event.listen(Session.kw["bind"], "commit", lambda conn: time.sleep(0.003))
     i = seed
     while not stop.is_set():
         row = 1 + (i % n_rows)
