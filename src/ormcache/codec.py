@@ -155,11 +155,11 @@ class _Encoder:
         """Snapshot queued instances; relationships queue more (breadth-first, no recursion)."""
         while self.queue:
             idx, obj, info, path = self.queue.pop()
-            state: InstanceState[Any] = obj._sa_instance_state  # type: ignore[attr-defined]
+            state: InstanceState[Any] = obj._sa_instance_state
             d = state.dict
             cols = [self.enc(d[k], f"{path}.{k}") if k in d else _MISSING_EXT for k in info.columns]
             rels: dict[str, Any] = {}
-            for key, uselist, collection_class in info.relationships:
+            for key, uselist, _collection_class in info.relationships:
                 if key not in d:
                     continue
                 value = d[key]
@@ -179,25 +179,25 @@ class _Encoder:
                     ]
                 else:
                     rels[key] = self.instance(value, value._sa_instance_state, rpath)
-            identity = None if state.key is None else [list(state.key[1]), state.key[2]]
-            if identity is not None:
-                identity[0] = [self.enc(v, path) for v in identity[0]]
+            identity: list[Any] | None = None
+            if state.key is not None:
+                identity = [[self.enc(v, path) for v in state.key[1]], state.key[2]]
             self.instances[idx] = [self.mapper_index(info), identity, cols, rels]
 
-    def enc(self, v: object, path: str) -> Any:
+    def enc(self, v: Any, path: str) -> Any:
         t = type(v)
         if t is str or t is float or t is bool or v is None or t is bytes:
             return v
         if t is int:
-            if _INT64[0] <= v <= _INT64[1]:  # type: ignore[operator]
+            if _INT64[0] <= v <= _INT64[1]:
                 return v
-            return msgpack.ExtType(BIGINT, _bigint_bytes(v))  # type: ignore[arg-type]
+            return msgpack.ExtType(BIGINT, _bigint_bytes(v))
         if t is list:
-            return [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]  # type: ignore[attr-defined]
+            return [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
         if t is dict:
-            return self.enc_dict(v, path)  # type: ignore[arg-type]
+            return self.enc_dict(v, path)
         if t is tuple:
-            items = [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]  # type: ignore[attr-defined]
+            items = [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
             return msgpack.ExtType(TUPLE, _pack(items))
         state = getattr(v, _SA_STATE, None)
         if state is not None and isinstance(state, InstanceState) and not isinstance(v, type):
@@ -279,8 +279,8 @@ class _Encoder:
         offset = v.utcoffset()
         if offset is None:
             raise UncacheableValueError(f"{path} has a tzinfo without an offset", path=path)
-        name = tz.tzname(v) if isinstance(tz, dt.timezone) else None
-        if isinstance(tz, dt.timezone) and name == dt.timezone(offset).tzname(v):
+        name = v.tzname() if isinstance(tz, dt.timezone) else None
+        if name == dt.timezone(offset).tzname(None):
             name = None
         return [naive, v.fold, "o", int(offset / dt.timedelta(microseconds=1)), name]
 
@@ -305,7 +305,7 @@ class _Decoder:
             if type(items) is not list:
                 raise ValueError("tuple")
             return tuple(items)
-        if code == SET or code == FROZENSET:
+        if code in (SET, FROZENSET):
             items = self.unpack(data)
             if type(items) is not list:
                 raise ValueError("set")
@@ -477,7 +477,7 @@ class Codec:
             return self._decode(data)
         except CorruptPayloadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - hostile input: every failure is a miss
+        except Exception as exc:
             raise CorruptPayloadError(
                 f"payload could not be decoded ({type(exc).__name__})"
             ) from exc
@@ -565,14 +565,15 @@ class Codec:
                 if key not in known:
                     raise CorruptPayloadError("unknown relationship in payload")
                 uselist, collection_class = known[key]
+                related: Any
                 if ref is None:
-                    value: Any = None
+                    related = None
                 elif uselist:
                     items = [objects[i] for i in ref]
-                    value = set(items) if collection_class is set else items
+                    related = set(items) if collection_class is set else items
                 else:
-                    value = objects[ref]
-                set_committed_value(obj, key, value)
+                    related = objects[ref]
+                set_committed_value(obj, key, related)
 
 
 def as_dict(obj: object) -> dict[str, Any]:

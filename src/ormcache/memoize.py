@@ -98,7 +98,7 @@ class Memoized(Generic[P, R]):
                     cache.guard.delete([key])
                 else:
                     cache.stats_counters.incr("hits")
-                    return self._deliver(value)  # type: ignore[no-any-return]
+                    return self._deliver(value)  # type: ignore[return-value]
             cache.stats_counters.incr("misses")
         return self._compute(key, args, kwargs)
 

@@ -255,7 +255,7 @@ def _tx(session: Session) -> _Tx:
     tx = session.info.get(_INFO_KEY)
     if tx is None:
         tx = session.info[_INFO_KEY] = _Tx()
-    return tx  # type: ignore[no-any-return]
+    return tx
 
 
 def _publish_pending(session: Session, tags: set[str]) -> None:
@@ -326,7 +326,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
             if option is not None and (option.cache is None or option.cache is cache):
                 return _execute_from_cache(cache, state, option)
             if active_reads():
-                tags = statement_read_tags(stmt, dict(state.parameters or {}))
+                tags = statement_read_tags(stmt, _params(state))
                 if not _snapshot_is_fresh(state):
                     for ctx in active_reads():
                         ctx.forbid("a query read an older REPEATABLE READ snapshot")
@@ -387,7 +387,7 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
         tx = conn.info.get(_INFO_KEY)
         if tx is None:
             tx = conn.info[_INFO_KEY] = _Tx()
-        return tx  # type: ignore[no-any-return]
+        return tx
 
     def release(info: dict[Any, Any]) -> None:
         tx = info.pop(_INFO_KEY, None)
@@ -601,6 +601,11 @@ def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
     return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
 
 
+def _params(state: ORMExecuteState) -> dict[str, Any]:
+    params = state.parameters
+    return dict(params) if isinstance(params, dict) else {}
+
+
 def _tables_of(tags: Iterable[str]) -> set[str]:
     return {t.split(":", 2)[1] for t in tags if ":" in t}
 
@@ -612,8 +617,8 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         # The ORM autoflushes only after this hook; flush first so our own pending
         # writes are known, and bypass the cache for the tables they touch.
         session.flush()
-    stmt = state.statement
-    params = dict(state.parameters or {})
+    stmt: Any = state.statement
+    params = _params(state)
     tags = statement_read_tags(stmt, params)
     pending = pending_write_tags()
     fresh = _snapshot_is_fresh(state)
@@ -660,21 +665,19 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
     data = cache.guard.get(key) if fresh else None
     if data is not None:
         try:
-            keys, rows = cache.codec.decode(data)  # type: ignore[misc]
+            decoded: Any = cache.codec.decode(data)
+            keys, rows = decoded
+            loaded: Any = merge_value(session, rows)
         except (CorruptPayloadError, TypeError, ValueError):
             stats.incr("corrupt")
             cache.guard.delete([key])
         else:
             stats.incr("hits")
-            loaded = merge_value(session, rows)
             for ctx in active_reads():
                 ctx.loaded.update(
-                    inspect(o)
-                    for row in loaded
-                    for o in row
-                    if hasattr(o, "_sa_instance_state")  # type: ignore[attr-defined]
+                    inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")
                 )
-            return IteratorResult(SimpleResultMetaData(keys), iter(loaded))  # type: ignore[arg-type]
+            return IteratorResult(SimpleResultMetaData(keys), iter(loaded))
     stats.incr("misses")
     if snap is None and fresh:
         snap = cache.guard.snapshot(all_tags)

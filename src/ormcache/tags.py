@@ -14,8 +14,9 @@ import hashlib
 import uuid
 from typing import Any
 
-from sqlalchemy import Column, Table, inspect
+from sqlalchemy import Column, inspect
 from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.schema import Table as _Table
 
 from .errors import ConfigurationError
@@ -29,11 +30,11 @@ __all__ = [
 ]
 
 
-def table_tag(table: Table) -> str:
+def table_tag(table: TableClause) -> str:
     return f"t:{table.fullname}"
 
 
-def any_partition_tag(table: Table) -> str:
+def any_partition_tag(table: TableClause) -> str:
     return f"a:{table.fullname}"
 
 
@@ -52,7 +53,7 @@ def _normal(value: object) -> bytes | None:
     return None
 
 
-def partition_tag(table: Table, column: Column[Any], value: object) -> str | None:
+def partition_tag(table: TableClause, column: Any, value: object) -> str | None:
     norm = _normal(value)
     if norm is None:
         return None
@@ -60,17 +61,17 @@ def partition_tag(table: Table, column: Column[Any], value: object) -> str | Non
     return f"p:{table.fullname}:{column.name}:{digest}"
 
 
-def partition_columns(table: Table) -> tuple[Column[Any], ...]:
+def partition_columns(table: TableClause) -> tuple[Column[Any], ...]:
     """Columns whose equality partitions are tracked: primary key, unique or indexed."""
     cols: dict[str, Column[Any]] = {}
     for col in table.columns:
-        if col.primary_key or col.unique or col.index:
+        if isinstance(col, Column) and (col.primary_key or col.unique or col.index):
             cols[col.name] = col
-    for index in table.indexes:
+    for index in getattr(table, "indexes", ()):
         if len(index.columns) == 1:
             for col in index.columns:
                 cols[col.name] = col
-    for constraint in table.constraints:
+    for constraint in getattr(table, "constraints", ()):
         columns = getattr(constraint, "columns", ())
         if len(columns) == 1 and constraint.__class__.__name__ == "UniqueConstraint":
             for col in columns:
@@ -84,7 +85,7 @@ def instance_tags(obj: object, values: dict[str, object] | None = None) -> set[s
     ``values`` overrides the attribute values (used for the old values of a changed row).
     """
     state: Any = inspect(obj)
-    mapper: Mapper[Any] = state.mapper
+    mapper: Any = state.mapper
     out: set[str] = set()
     for table in mapper.tables:
         out.add(table_tag(table))
@@ -108,7 +109,7 @@ def tags_for_target(target: object) -> set[str]:
     if isinstance(target, _Table):
         return {table_tag(target), any_partition_tag(target)}
     if isinstance(target, type):
-        mapper = inspect(target, raiseerr=False)
+        mapper: Any = inspect(target, raiseerr=False)
         if isinstance(mapper, Mapper):
             return {
                 t for table in mapper.tables for t in (table_tag(table), any_partition_tag(table))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigurationError
+from ormcache.errors import ConfigurationError
+
 from .base import AsyncBackend, Backend, Snapshot
 
 __all__ = ["AsyncBackend", "Backend", "Snapshot", "create_backend"]

@@ -21,7 +21,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from ..errors import BackendError
+from ormcache.errors import BackendError
+
 from .base import Snapshot
 
 __all__ = ["RedisBackend"]
@@ -243,16 +244,16 @@ class RedisBackend:
     # -- Backend ----------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         value = self._run("get", lambda: self._get(keys=[self._e + key], args=[self._g]))
-        return value if value else None  # type: ignore[return-value]
+        return value if value else None
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
         keys = self._gen_keys(ordered) + self._lease_keys(ordered)
-        args = [_fresh(), self._gen_ttl_ms, len(ordered)]
+        args: list[bytes | str | int] = [_fresh(), self._gen_ttl_ms, len(ordered)]
         gens = self._run("snapshot", lambda: self._snapshot(keys=keys, args=args))
         if gens is None:
             return None
-        return Snapshot(ordered, tuple(int(g) for g in gens))  # type: ignore[union-attr]
+        return Snapshot(ordered, tuple(int(g) for g in gens))
 
     def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
         header = b"".join(f"{t}\n{g}\n".encode() for t, g in zip(snapshot.tags, snapshot.gens))
@@ -260,8 +261,8 @@ class RedisBackend:
             return False
         value = _ENTRY_MAGIC + len(header).to_bytes(2, "big") + header + payload
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        keys = [self._e + key] + self._gen_keys(snapshot.tags) + self._lease_keys(snapshot.tags)
-        args: list[Any] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
+        keys = [self._e + key, *self._gen_keys(snapshot.tags), *self._lease_keys(snapshot.tags)]
+        args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
         return bool(self._run("set", lambda: self._set(keys=keys, args=args)))
 
     def delete(self, keys: Sequence[str]) -> None:
@@ -277,14 +278,20 @@ class RedisBackend:
         if not tags:
             return
         keys = self._gen_keys(tags) + self._lease_keys(tags)
-        args = [_fresh(), self._gen_ttl_ms, len(tags), token, max(1, int(ttl * 1000))]
+        args: list[bytes | str | int] = [
+            _fresh(),
+            self._gen_ttl_ms,
+            len(tags),
+            token,
+            max(1, int(ttl * 1000)),
+        ]
         self._run("lease", lambda: self._acquire(keys=keys, args=args))
 
     def release_lease(self, tags: Sequence[str], token: str) -> None:
         if not tags:
             return
         keys = self._gen_keys(tags) + self._lease_keys(tags)
-        args = [_fresh(), self._gen_ttl_ms, len(tags), token]
+        args: list[bytes | str | int] = [_fresh(), self._gen_ttl_ms, len(tags), token]
         self._run("release", lambda: self._release(keys=keys, args=args))
 
     def clear(self) -> None:
