@@ -54,9 +54,38 @@ _INT64 = (-(2**63), 2**64 - 1)
 # Extension type codes (part of the format: never renumber).
 MISSING, TUPLE, SET, FROZENSET, BIGINT, DATETIME, DATE, TIME = 0, 1, 2, 3, 4, 5, 6, 7
 TIMEDELTA, DECIMAL, UUID, ENUM, ROW, INSTANCE, CUSTOM, IDENTITY = 8, 9, 10, 11, 12, 13, 14, 15
+DATETIME_ISO = 16
 
 _MISSING_EXT = msgpack.ExtType(MISSING, b"")
+_SIMPLE = frozenset((str, int, float, bool, bytes, type(None)))
 _SA_STATE = "_sa_instance_state"
+
+
+class _Ref:
+    """An instance reference met while unpacking, before the instances exist."""
+
+    __slots__ = ("idx",)
+
+    def __init__(self, idx: int) -> None:
+        self.idx = idx
+
+
+def _resolve(v: Any, objects: list[Any]) -> Any:
+    """Replace placeholders by instances (only for values that nest them deeply)."""
+    t = type(v)
+    if t is _Ref:
+        return objects[v.idx]
+    if t is list:
+        return [_resolve(x, objects) for x in v]
+    if t is dict:
+        return {_resolve(k, objects): _resolve(x, objects) for k, x in v.items()}
+    if t is tuple:
+        return tuple(_resolve(x, objects) for x in v)
+    if t is set or t is frozenset:
+        return t(_resolve(x, objects) for x in v)
+    if isinstance(v, Row):
+        return _row_factory(tuple(v._fields))([_resolve(x, objects) for x in v])
+    return v
 
 
 class _Missing:
@@ -80,6 +109,10 @@ def _row_factory(fields: tuple[str, ...]) -> Callable[[Any], Row[Any]]:
     return result_tuple(fields)
 
 
+def _offset_name(offset: dt.timedelta | None) -> str | None:
+    return None if offset is None else dt.timezone(offset).tzname(None)
+
+
 def _bigint_bytes(value: int) -> bytes:
     length = (value.bit_length() + 8) // 8
     return value.to_bytes(length, "big", signed=True)
@@ -88,13 +121,23 @@ def _bigint_bytes(value: int) -> bytes:
 class _MapperInfo:
     """What the codec needs of a mapper, computed once: attribute order and fingerprint."""
 
-    __slots__ = ("columns", "fingerprint", "key", "mapper", "relationships")
+    __slots__ = (
+        "columns",
+        "fingerprint",
+        "identity_class",
+        "key",
+        "mapper",
+        "pk_width",
+        "relationships",
+    )
 
     def __init__(self, mapper: Mapper[Any]) -> None:
         self.mapper = mapper
         cls = mapper.class_
         self.key = f"{cls.__module__}:{cls.__qualname__}"
         self.columns: tuple[str, ...] = tuple(p.key for p in mapper.column_attrs)
+        self.identity_class: type = mapper._identity_class
+        self.pk_width = len(mapper.primary_key)
         self.relationships: tuple[tuple[str, bool, Any], ...] = tuple(
             (r.key, bool(r.uselist), r.collection_class) for r in mapper.relationships
         )
@@ -222,6 +265,13 @@ class _Encoder:
 
     def enc_other(self, v: Any, t: type, path: str) -> Any:
         if t is dt.datetime:
+            tz = v.tzinfo
+            # Fast form: ISO text, for naive times and unnamed fixed offsets (UTC).
+            if not v.fold and (
+                tz is None
+                or (type(tz) is dt.timezone and tz.tzname(None) == _offset_name(v.utcoffset()))
+            ):
+                return msgpack.ExtType(DATETIME_ISO, v.isoformat().encode())
             return msgpack.ExtType(DATETIME, _pack(self.clock_parts(v, v.isoformat(), path)))
         if t is dt.date:
             return msgpack.ExtType(DATE, v.isoformat().encode())
@@ -286,11 +336,12 @@ class _Encoder:
 
 
 class _Decoder:
-    __slots__ = ("codec", "objects")
+    __slots__ = ("codec", "objects", "refs")
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self.objects: list[Any] = []
+        self.refs = 0
 
     def unpack(self, data: bytes) -> Any:
         return msgpack.unpackb(
@@ -299,7 +350,17 @@ class _Decoder:
 
     def ext(self, code: int, data: bytes) -> Any:
         if code == INSTANCE:
-            return self.objects[self.unpack(data)]
+            idx = self.unpack(data)
+            if type(idx) is not int or idx < 0:
+                raise ValueError("instance reference")
+            self.refs += 1
+            return _Ref(idx)
+        if code == DATETIME_ISO:
+            value = dt.datetime.fromisoformat(data.decode("ascii"))
+            tz = value.tzinfo
+            if tz is not None and type(tz) is not dt.timezone:
+                raise ValueError("datetime zone")
+            return value
         if code == TUPLE:
             items = self.unpack(data)
             if type(items) is not list:
@@ -456,10 +517,7 @@ class Codec:
         for mapper, idx in enc.mappers.items():
             info = self._mappers[mapper]
             mappers[idx] = [info.key, info.fingerprint]  # type: ignore[call-overload]
-        if enc.instances:
-            body = _pack(mappers) + _pack(enc.instances) + _pack(root)
-        else:
-            body = b"\x90\x90" + _pack(root)
+        body = _pack([mappers, enc.instances, root])
         if self._secret is None:
             return MAGIC + bytes((VERSION, 0)) + body
         digest = hmac.digest(self._secret, body, "sha256")
@@ -467,8 +525,15 @@ class Codec:
 
     def canonical(self, value: object) -> bytes:
         """Deterministic bytes for hashing arguments into keys (not decodable)."""
+        if type(value) is tuple and all(
+            type(x) in _SIMPLE and (type(x) is not int or _INT64[0] <= x <= _INT64[1])
+            for x in value
+        ):
+            # Scalars only (the usual memoize arguments): msgpack already tells str,
+            # bytes, int, float, bool and None apart.
+            return b"s" + _pack(value)
         enc = _Encoder(self, None, canonical=True)
-        return _pack(enc.enc(value, "value"))
+        return b"c" + _pack(enc.enc(value, "value"))
 
     # -- decode -----------------------------------------------------------------------
     def decode(self, data: bytes) -> object:
@@ -506,19 +571,22 @@ class Codec:
             ):
                 raise CorruptPayloadError("payload signature does not match")
         dec = _Decoder(self)
-        unpacker = msgpack.Unpacker(
-            None,
+        parts = msgpack.unpackb(
+            body,
             ext_hook=dec.ext,
             raw=False,
             strict_map_key=False,
             use_list=True,
-            max_buffer_size=max(len(body), 1),
         )
-        unpacker.feed(body)
-        mappers_raw = unpacker.unpack()
-        instances_raw = unpacker.unpack()
+        if type(parts) is not list or len(parts) != 3:
+            raise CorruptPayloadError("malformed payload body")
+        mappers_raw, instances_raw, root = parts
         if type(mappers_raw) is not list or type(instances_raw) is not list:
             raise CorruptPayloadError("malformed payload header")
+        if not instances_raw:
+            if dec.refs:
+                raise CorruptPayloadError("instance reference without instances")
+            return root
         infos = []
         for entry in mappers_raw:
             key, fingerprint = entry
@@ -528,14 +596,13 @@ class Codec:
             if info.fingerprint != fingerprint:
                 raise CorruptPayloadError("schema changed since the payload was written")
             infos.append(info)
-        if instances_raw:
-            self._build_instances(dec, infos, instances_raw)
-        root = unpacker.unpack()
-        try:
-            unpacker.unpack()
-        except msgpack.OutOfData:
-            return root
-        raise CorruptPayloadError("trailing data after payload")
+        self._build_instances(dec, infos, instances_raw)
+        objects = dec.objects
+        if type(root) is _Ref:
+            return objects[root.idx]
+        if type(root) is list and all(type(x) is _Ref for x in root):
+            return [objects[x.idx] for x in root]
+        return _resolve(root, objects)
 
     def _build_instances(self, dec: _Decoder, infos: list[_MapperInfo], raw: list[Any]) -> None:
         objects = dec.objects
@@ -553,9 +620,9 @@ class Codec:
                     d[key] = value
             if identity is not None:
                 pk, token = identity
-                state.key = info.mapper.identity_key_from_primary_key(
-                    tuple(pk), identity_token=token
-                )
+                if type(pk) is not list or len(pk) != info.pk_width:
+                    raise CorruptPayloadError("identity does not match its mapper")
+                state.key = (info.identity_class, tuple(pk), token)
             objects.append(obj)
             if rels:
                 pending.append((obj, info, rels))
