@@ -21,6 +21,7 @@ import decimal
 import enum
 import hashlib
 import hmac
+import re
 import sys
 import threading
 import uuid
@@ -99,9 +100,8 @@ def _pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-@lru_cache(maxsize=1)
-def _zone_keys() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+# A zone key names a file in the tz database: allow only what such names look like.
+_ZONE_KEY = re.compile(r"^[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*$")
 
 
 @lru_cache(maxsize=256)
@@ -110,7 +110,10 @@ def _row_factory(fields: tuple[str, ...]) -> Callable[[Any], Row[Any]]:
 
 
 def _offset_name(offset: dt.timedelta | None) -> str | None:
-    return None if offset is None else dt.timezone(offset).tzname(None)
+    """The default name of a whole-minute offset, or None (which never matches a name)."""
+    if offset is None or offset.microseconds or offset.seconds % 60:
+        return None
+    return dt.timezone(offset).tzname(None)
 
 
 def _bigint_bytes(value: int) -> bytes:
@@ -298,6 +301,12 @@ class _Encoder:
         if custom is not None:
             name, encode, _ = custom
             return msgpack.ExtType(CUSTOM, _pack([name, self.enc(encode(v), path)]))
+        if t.__module__ == "sqlalchemy.orm.collections":
+            # A relationship collection returned as is: a plain list or set on a hit.
+            if isinstance(v, list):
+                return [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
+            if isinstance(v, set):
+                return msgpack.ExtType(SET, _pack([self.enc(x, f"{path}{{…}}") for x in v]))
         if isinstance(v, InstanceState):
             raise UncacheableValueError(
                 f"{path} is SQLAlchemy internal state; return the object or ormcache.as_dict(obj)",
@@ -324,7 +333,7 @@ class _Encoder:
         if tz is None:
             return [iso, v.fold]
         naive = v.replace(tzinfo=None).isoformat()
-        if isinstance(tz, zoneinfo.ZoneInfo) and tz.key in _zone_keys():
+        if isinstance(tz, zoneinfo.ZoneInfo) and tz.key is not None:
             return [naive, v.fold, "z", tz.key]
         offset = v.utcoffset()
         if offset is None:
@@ -393,7 +402,7 @@ class _Decoder:
             return _row_factory(tuple(fields))(values)
         if code == ENUM:
             name, value = self.unpack(data)
-            cls = self.codec._enums_by_name.get(name)
+            cls = self.codec._enums_by_name.get(name) or self.codec._lookup_enum(name)
             if cls is None:
                 raise ValueError("unknown enum")
             return cls(value)
@@ -418,9 +427,10 @@ class _Decoder:
         tz: dt.tzinfo | None = None
         if len(parts) > 2:
             if parts[2] == "z":
-                if parts[3] not in _zone_keys():
+                key = parts[3]
+                if type(key) is not str or not _ZONE_KEY.match(key) or ".." in key:
                     raise ValueError("zone")
-                tz = zoneinfo.ZoneInfo(parts[3])
+                tz = zoneinfo.ZoneInfo(key)
             elif parts[2] == "o":
                 offset = dt.timedelta(microseconds=parts[3])
                 tz = dt.timezone(offset, parts[4]) if parts[4] is not None else dt.timezone(offset)
@@ -488,21 +498,29 @@ class Codec:
                         self.register_enum(enum_class)
         return info
 
+    def _all_mappers(self) -> list[Mapper[Any]]:
+        mapperlib = sys.modules.get("sqlalchemy.orm.mapper")
+        registries = getattr(mapperlib, "_all_registries", None)
+        if registries is None:
+            return []
+        return [m for registry in registries() for m in registry.mappers]
+
+    def _lookup_enum(self, name: str) -> type[enum.Enum] | None:
+        """An Enum used by a mapped column this process has not encoded yet."""
+        for mapper in self._all_mappers():
+            self.mapper_info(mapper)
+        return self._enums_by_name.get(name)
+
     def _lookup_mapper(self, key: str) -> _MapperInfo | None:
         info = self._mappers_by_key.get(key)
         if info is not None:
             return info
         # A mapper this process has not encoded yet: look through SQLAlchemy's own
         # registries (never import anything named in the payload).
-        mapperlib = sys.modules.get("sqlalchemy.orm.mapper")
-        registries = getattr(mapperlib, "_all_registries", None)
-        if registries is None:
-            return None
-        for registry in registries():
-            for mapper in registry.mappers:
-                cls = mapper.class_
-                if f"{cls.__module__}:{cls.__qualname__}" == key:
-                    return self.mapper_info(mapper)
+        for mapper in self._all_mappers():
+            cls = mapper.class_
+            if f"{cls.__module__}:{cls.__qualname__}" == key:
+                return self.mapper_info(mapper)
         return None
 
     # -- encode -----------------------------------------------------------------------
@@ -615,9 +633,16 @@ class Codec:
             obj = info.mapper.class_manager.new_instance()
             state: InstanceState[Any] = obj._sa_instance_state
             d = state.dict
+            unloaded = []
             for key, value in zip(info.columns, cols):
-                if value is not _MISSING:
+                if value is _MISSING:
+                    unloaded.append(key)
+                else:
                     d[key] = value
+            if unloaded:
+                # As on an ORM-loaded object: reading them loads them (in a session) or
+                # raises DetachedInstanceError (detached), never silently gives None.
+                state.expired_attributes.update(unloaded)
             if identity is not None:
                 pk, token = identity
                 if type(pk) is not list or len(pk) != info.pk_width:

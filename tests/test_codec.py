@@ -1,0 +1,482 @@
+"""The snapshot codec: exact round trips, and hostile bytes are only ever a miss."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import enum
+import math
+import os
+import pickle
+import uuid
+import zoneinfo
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Interval,
+    LargeBinary,
+    Numeric,
+    String,
+    Uuid,
+    create_engine,
+    inspect,
+    select,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    selectinload,
+)
+from sqlalchemy.orm.exc import DetachedInstanceError
+
+from ormcache import UncacheableValueError, as_dict
+from ormcache.codec import Codec
+from ormcache.errors import CorruptPayloadError
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+# -- values ---------------------------------------------------------------------------
+def same(a: Any, b: Any) -> bool:
+    """Equal value *and* equal types, recursively (NaN equals NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (
+            a == b and math.copysign(1, a) == math.copysign(1, b)
+        )
+    if isinstance(a, decimal.Decimal):
+        return str(a) == str(b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (dt.datetime, dt.time)):
+        return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold and str(a) == str(b)
+    return bool(a == b)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(),
+    st.binary(),
+    st.datetimes(),
+    st.datetimes(timezones=st.timezones()),
+    st.datetimes(
+        timezones=st.builds(
+            dt.timezone,
+            st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23)),
+        )
+    ),
+    st.dates(),
+    st.times(),
+    st.times(timezones=st.just(dt.timezone.utc)),
+    st.timedeltas(),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.uuids(),
+    st.sampled_from(list(Colour) + list(Level)),
+)
+hashables = st.one_of(st.integers(), st.text(), st.binary(), st.uuids(), st.booleans())
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(st.one_of(st.text(), st.integers()), children, max_size=5),
+        st.sets(hashables, max_size=5),
+        st.frozensets(hashables, max_size=5),
+    ),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(values)
+def test_round_trip_preserves_values_and_types(value: Any) -> None:
+    """decode(encode(v)) is v, with every type preserved (tuples stay tuples, ...)."""
+    codec = Codec()
+    assert same(codec.decode(codec.encode(value)), value)
+
+
+@FAST
+@given(values)
+def test_signed_round_trip(value: Any) -> None:
+    codec = Codec(secret=b"k" * 32)
+    assert same(codec.decode(codec.encode(value)), value)
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_random_bytes_are_only_a_miss(data: bytes) -> None:
+    """Arbitrary bytes never raise anything but CorruptPayloadError."""
+    codec = Codec()
+    with contextlib.suppress(CorruptPayloadError):
+        codec.decode(data)
+
+
+@FAST
+@given(values, st.data())
+def test_truncated_and_flipped_payloads_are_only_a_miss(value: Any, data: st.DataObject) -> None:
+    """Every truncation and a random bit flip of a valid payload decode or miss, never crash."""
+    codec = Codec()
+    payload = codec.encode(value)
+    cut = data.draw(st.integers(min_value=0, max_value=len(payload) - 1))
+    with pytest.raises(CorruptPayloadError):
+        codec.decode(payload[:cut])
+    pos = data.draw(st.integers(min_value=0, max_value=len(payload) - 1))
+    bit = data.draw(st.integers(min_value=0, max_value=7))
+    flipped = bytearray(payload)
+    flipped[pos] ^= 1 << bit
+    with contextlib.suppress(CorruptPayloadError):
+        codec.decode(bytes(flipped))
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_hostile_bytes_behind_a_valid_header_are_only_a_miss(body: bytes) -> None:
+    codec = Codec()
+    with contextlib.suppress(CorruptPayloadError):
+        codec.decode(b"OC\x01\x00" + body)
+
+
+def test_deep_nesting_is_a_miss_not_a_crash() -> None:
+    codec = Codec()
+    nested = b"OC\x01\x00" + b"\x91" * 100_000 + b"\xc0"
+    with pytest.raises(CorruptPayloadError):
+        codec.decode(nested)
+
+
+class _Canary:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_pickle_is_never_executed(tmp_path: Any) -> None:
+    """A pickle that would create a file is rejected by the magic check; no file appears."""
+    canary = str(tmp_path / "pwned")
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(CorruptPayloadError):
+            Codec().decode(pickle.dumps(_Canary(canary), protocol=protocol))
+    assert not os.path.exists(canary)
+
+
+def test_signature_checks() -> None:
+    """Tampering, a wrong secret and a signed/unsigned mismatch are all misses."""
+    signed = Codec(secret=b"s1")
+    payload = signed.encode({"a": 1})
+    tampered = bytearray(payload)
+    tampered[-1] ^= 1
+    for codec, data in [
+        (signed, bytes(tampered)),
+        (Codec(secret=b"s2"), payload),
+        (Codec(), payload),
+        (signed, Codec().encode({"a": 1})),
+    ]:
+        with pytest.raises(CorruptPayloadError):
+            codec.decode(data)
+
+
+def test_unknown_enum_and_custom_type_are_misses() -> None:
+    class Temp(enum.Enum):
+        A = 1
+
+    writer, reader = Codec(), Codec()
+    with pytest.raises(CorruptPayloadError):
+        reader.decode(writer.encode(Temp.A))
+
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Money) and other.cents == self.cents
+
+    writer.register_type(Money, name="money", encode=lambda m: m.cents, decode=Money)
+    payload = writer.encode([Money(5)])
+    assert writer.decode(payload) == [Money(5)]
+    with pytest.raises(CorruptPayloadError):
+        reader.decode(payload)
+
+
+def test_uncacheable_values_name_the_path_and_fix() -> None:
+    from collections import OrderedDict
+
+    codec = Codec()
+    cases: list[tuple[Any, str, str]] = [
+        ({"a": [1, object()]}, "value['a'][1]", "register_type"),
+        (OrderedDict(a=1), "value", "dict(...)"),
+        ([bytearray(b"x")], "value[0]", "bytes(...)"),
+    ]
+    for value, path, fix in cases:
+        with pytest.raises(UncacheableValueError) as info:
+            codec.encode(value)
+        assert info.value.path == path
+        assert fix in str(info.value)
+
+
+def test_canonical_is_order_independent_and_type_aware() -> None:
+    codec = Codec()
+    assert codec.canonical(({"a": 1, "b": 2},)) == codec.canonical(({"b": 2, "a": 1},))
+    assert codec.canonical(({1, 2, 3},)) == codec.canonical(({3, 2, 1},))
+    assert codec.canonical((1,)) != codec.canonical((1.0,))
+    assert codec.canonical((1,)) != codec.canonical((True,))
+    assert codec.canonical(([1],)) != codec.canonical(((1,),))
+    assert codec.canonical((2**70,)) != codec.canonical((2**70 + 1,))
+
+
+# -- ORM instances --------------------------------------------------------------------
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "codec_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    balance: Mapped[decimal.Decimal] = mapped_column(Numeric(12, 4))
+    ident: Mapped[uuid.UUID] = mapped_column(Uuid)
+    colour: Mapped[Colour] = mapped_column(SAEnum(Colour))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    period: Mapped[dt.timedelta] = mapped_column(Interval)
+    notes: Mapped[str | None] = mapped_column(String(50), deferred=True)
+    lines: Mapped[list[Line]] = relationship(back_populates="account", order_by="Line.id")
+
+
+class Line(Base):
+    __tablename__ = "codec_lines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("codec_accounts.id"))
+    text: Mapped[str] = mapped_column(String(50))
+    account: Mapped[Account] = relationship(back_populates="lines")
+
+
+class Employee(Base):
+    __tablename__ = "codec_employees"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}
+
+
+class Manager(Employee):
+    """Single-table inheritance."""
+
+    team: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    __mapper_args__ = {"polymorphic_identity": "manager"}
+
+
+class Engineer(Employee):
+    """Joined-table inheritance."""
+
+    __tablename__ = "codec_engineers"
+    id: Mapped[int] = mapped_column(ForeignKey("codec_employees.id"), primary_key=True)
+    language: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "engineer"}
+
+
+class Pair(Base):
+    """Composite primary key."""
+
+    __tablename__ = "codec_pairs"
+
+    left: Mapped[str] = mapped_column(String(10), primary_key=True)
+    right: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+    children: Mapped[list[PairChild]] = relationship()
+
+
+class PairChild(Base):
+    __tablename__ = "codec_pair_children"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    left: Mapped[str] = mapped_column(String(10))
+    right: Mapped[int] = mapped_column()
+    __table_args__ = (
+        ForeignKeyConstraint(["left", "right"], ["codec_pairs.left", "codec_pairs.right"]),
+    )
+
+
+@pytest.fixture
+def session() -> Any:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        account = Account(
+            id=1,
+            name="a",
+            created_at=dt.datetime(2024, 3, 4, 5, 6, 7, 890, tzinfo=dt.timezone.utc),
+            balance=decimal.Decimal("12.3400"),
+            ident=uuid.UUID(int=42),
+            colour=Colour.GREEN,
+            data={"k": [1, 2, {"x": None}]},
+            blob=b"\x00\x01",
+            period=dt.timedelta(days=2, seconds=5),
+            notes="deferred",
+            lines=[Line(id=1, text="one"), Line(id=2, text="two")],
+        )
+        s.add_all(
+            [
+                account,
+                Manager(id=1, name="m", team="t"),
+                Engineer(id=2, name="e", language="py"),
+                Pair(left="x", right=1, label="p", children=[PairChild(id=1)]),
+            ]
+        )
+        s.commit()
+    with Session(engine) as s:
+        yield s
+    engine.dispose()
+
+
+COLUMNS = ("id", "name", "created_at", "balance", "ident", "colour", "data", "blob", "period")
+
+
+def test_instance_round_trip_equals_database_read(session: Session) -> None:
+    """A decoded instance has the same loaded attributes, with the same types, as the
+    fresh database read it was encoded from; it is detached, and unloaded attributes
+    behave as on a detached SQLAlchemy object."""
+    codec = Codec()
+    account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
+    decoded = codec.decode(codec.encode(account))
+    assert type(decoded) is Account
+    for col in COLUMNS:
+        assert same(getattr(decoded, col), getattr(account, col)), col
+    state = inspect(decoded)
+    assert state.detached
+    assert state.key == inspect(account).key
+    assert [line.text for line in decoded.lines] == ["one", "two"]
+    with pytest.raises(DetachedInstanceError):
+        _ = decoded.notes  # deferred and never loaded
+
+
+def test_cycles_and_shared_references_survive(session: Session) -> None:
+    codec = Codec()
+    account = session.scalars(select(Account)).one()
+    for line in account.lines:
+        assert line.account is account
+    decoded = codec.decode(codec.encode(account.lines))
+    assert decoded[0].account is decoded[1].account
+    assert decoded[0] in decoded[0].account.lines
+
+
+def test_inheritance_and_composite_keys(session: Session) -> None:
+    codec = Codec()
+    people = session.scalars(select(Employee).order_by(Employee.id)).all()
+    decoded = codec.decode(codec.encode(list(people)))
+    assert [type(p) for p in decoded] == [Manager, Engineer]
+    assert [p.name for p in decoded] == ["m", "e"]
+    with pytest.raises(DetachedInstanceError):
+        _ = decoded[0].team  # not loaded by a base-class query: not invented either
+    manager = session.scalars(select(Manager)).one()
+    engineer = session.scalars(select(Engineer)).one()
+    back = codec.decode(codec.encode([manager, engineer]))
+    assert back[0].team == "t"
+    assert back[1].language == "py"
+    pair = session.scalars(select(Pair).options(selectinload(Pair.children))).one()
+    pair_back = codec.decode(codec.encode(pair))
+    assert inspect(pair_back).key == inspect(pair).key
+    assert pair_back.children[0].id == 1
+
+
+def test_rows_round_trip(session: Session) -> None:
+    codec = Codec()
+    rows = session.execute(select(Account.id, Account.name, Account.balance)).all()
+    decoded = codec.decode(codec.encode(rows))
+    assert decoded == rows
+    assert decoded[0]._fields == rows[0]._fields
+    assert decoded[0].name == "a"
+    mixed = session.execute(select(Account, Account.name)).one()
+    back = codec.decode(codec.encode(mixed))
+    assert back[0].id == 1
+    assert back.name == "a"
+
+
+def test_decoded_instances_merge_into_a_session(session: Session) -> None:
+    codec = Codec()
+    account = session.scalars(select(Account)).one()
+    decoded = codec.decode(codec.encode(account))
+    session.expunge_all()
+    merged = session.merge(decoded, load=False)
+    assert merged.name == "a"
+    assert merged in session
+
+
+def test_schema_change_and_unknown_mapper_are_misses(session: Session) -> None:
+    codec = Codec()
+    account = session.scalars(select(Account)).one()
+    payload = codec.encode(account)
+    info = codec.mapper_info(inspect(Account))
+    original = info.fingerprint
+    info.fingerprint = b"\x00" * 8
+    try:
+        with pytest.raises(CorruptPayloadError, match="schema"):
+            codec.decode(payload)
+    finally:
+        info.fingerprint = original
+    forged = payload.replace(info.key.encode(), info.key.encode()[:-1] + b"X")
+    with pytest.raises(CorruptPayloadError):
+        Codec().decode(forged)
+
+
+def test_a_fresh_codec_finds_mappers_without_importing(session: Session) -> None:
+    """Another process has not encoded the class yet: it is found in SQLAlchemy's
+    registries by key, never imported."""
+    payload = Codec().encode(session.scalars(select(Account)).one())
+    assert Codec().decode(payload).name == "a"  # type: ignore[attr-defined]
+
+
+def test_seed_dict_is_refused_and_as_dict_is_fine(session: Session) -> None:
+    """The seed's ``user.__dict__`` carries ``_sa_instance_state``: refused with the fix."""
+    codec = Codec()
+    account = session.scalars(select(Account)).one()
+    with pytest.raises(UncacheableValueError) as info:
+        codec.encode(account.__dict__)
+    assert info.value.path == "value['_sa_instance_state']"
+    assert "return the object or ormcache.as_dict(obj)" in str(info.value)
+    plain = as_dict(account)
+    assert "_sa_instance_state" not in plain
+    assert "notes" not in plain  # deferred and unloaded: skipped, no surprise SQL
+    assert same(codec.decode(codec.encode(plain)), plain)
+
+
+def test_zoneinfo_and_fold_round_trip() -> None:
+    codec = Codec()
+    tz = zoneinfo.ZoneInfo("Europe/Berlin")
+    ambiguous = dt.datetime(2023, 10, 29, 2, 30, tzinfo=tz, fold=1)
+    assert same(codec.decode(codec.encode(ambiguous)), ambiguous)
+    named = dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2), "EET"))
+    assert same(codec.decode(codec.encode(named)), named)
