@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     run(
         "raw redis-py GET + msgpack unpack (floor)",
         lambda: msgpack.unpackb(
-            client.get(f"{ns}:floor"),
+            client.get(f"{ns}:floor")[4:],  # skip ormcache's 4-byte header
             raw=False,
             strict_map_key=False,
             ext_hook=lambda code, data: data,

@@ -118,7 +118,7 @@ class Memoized(Generic[P, R]):
     # -- internals --------------------------------------------------------------------
     def _compute(self, key: str, args: Any, kwargs: Any) -> R:
         cache = self._cache
-        ctx = ReadContext()
+        ctx = ReadContext(owner=cache)
         # Read before anything the function reads: a clear() or an untracked write that
         # lands while it runs must fail the store below.
         ctx.record(cache.guard.snapshot([NAMESPACE_TAG]), "the namespace check")

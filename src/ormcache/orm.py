@@ -119,20 +119,13 @@ def _option_tables(stmt: Any) -> set[Table] | None:
     return tables
 
 
-def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[str] | None:
-    """The tags a SELECT depends on, or None when its reads cannot be bounded.
+def _read_structure(
+    stmt: Any,
+) -> tuple[set[Table], dict[Table, tuple[Column[Any], BindParameter[Any]]]] | None:
+    """Tables a SELECT reads, and for each, an equality term that bounds it (if any).
 
-    The primary table of a single-entity select with ``column = value`` on a primary key,
-    unique or indexed column is tagged by that partition; every other table it touches
-    (joins, eager loads, inheritance) by the whole table.
+    None when the reads cannot be bounded (an option ormcache does not understand).
     """
-    if isinstance(stmt, TextClause):
-        names = _TEXT_READ_TABLES.findall(stmt.text)
-        if not names:
-            return None
-        return {f"t:{_unquote(n)}" for n in names}
-    if not isinstance(stmt, Select):
-        return None
     tables: set[Table] = {t for t in find_tables(stmt, include_crud=True) if isinstance(t, Table)}
     for desc in stmt.column_descriptions:
         entity = desc.get("entity")
@@ -143,27 +136,54 @@ def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[
     if extra is None:
         return None
     tables.update(extra)
-    if not tables:
-        return set()
-
-    partition: dict[Table, str] = {}
+    partition: dict[Table, tuple[Column[Any], BindParameter[Any]]] = {}
     for column, bind in _eq_terms(stmt.whereclause):
         table = column.table
         if not isinstance(table, Table) or table in partition:
             continue
-        if column not in partition_columns(table):
-            continue
-        tag = partition_tag(table, column, _bind_value(bind, params))
-        if tag is not None:
-            partition[table] = tag
+        if column.name in partition_column_names(table):
+            partition[table] = (column, bind)
+    return tables, partition
+
+
+def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[str] | None:
+    """The tags a SELECT depends on, or None when its reads cannot be bounded.
+
+    The primary table of a select with ``column = value`` on a primary key, unique or
+    indexed column is tagged by that partition; every other table it touches (joins,
+    eager loads, inheritance) by the whole table.
+    """
+    if isinstance(stmt, TextClause):
+        names = _TEXT_READ_TABLES.findall(stmt.text)
+        if not names:
+            return None
+        return {f"t:{_unquote(n)}" for n in names}
+    if not isinstance(stmt, Select):
+        return None
+    structure = _read_structure(stmt)
+    if structure is None:
+        return None
+    tables, partition = structure
     out: set[str] = set()
     for table in tables:
-        if table in partition:
-            out.add(partition[table])
-            out.add(any_partition_tag(table))
-        else:
+        term = partition.get(table)
+        tag = None if term is None else partition_tag(table, term[0], _bind_value(term[1], params))
+        if tag is None:
             out.add(table_tag(table))
+        else:
+            out.add(tag)
+            out.add(any_partition_tag(table))
     return out
+
+
+_partition_names: dict[Table, frozenset[str]] = {}
+
+
+def partition_column_names(table: Table) -> frozenset[str]:
+    names = _partition_names.get(table)
+    if names is None:
+        names = _partition_names[table] = frozenset(c.name for c in partition_columns(table))
+    return names
 
 
 _TEXT_READ_TABLES = re.compile(r"\b(?:from|join)\s+([`\"\[]?[\w.]+[`\"\]]?)", re.IGNORECASE)
@@ -203,7 +223,7 @@ def dml_write_tags(stmt: Any) -> set[str]:
 
 
 def _record_read(cache: Cache, tags: set[str] | None, what: str) -> None:
-    contexts = active_reads()
+    contexts = active_reads(cache)
     if not contexts:
         return
     if tags is None:
@@ -325,10 +345,10 @@ def _attach_session(cache: Cache, target: Any) -> None:
             option = _from_cache_option(state)
             if option is not None and (option.cache is None or option.cache is cache):
                 return _execute_from_cache(cache, state, option)
-            if active_reads():
+            if active_reads(cache):
                 tags = statement_read_tags(stmt, _params(state))
                 if not _snapshot_is_fresh(state):
-                    for ctx in active_reads():
+                    for ctx in active_reads(cache):
                         ctx.forbid("a query read an older REPEATABLE READ snapshot")
                 _record_read(cache, tags, "a query")
                 _tx(state.session).statements += 1
@@ -337,7 +357,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
             written(state.session, dml_write_tags(stmt))
         elif isinstance(stmt, TextClause):
             if _TEXT_IS_READ.match(stmt.text):
-                if active_reads():
+                if active_reads(cache):
                     _record_read(cache, statement_read_tags(stmt), "a text() query")
             else:
                 written(state.session, text_write_tags(stmt.text))
@@ -403,7 +423,7 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
         elif isinstance(clauseelement, TextClause) and not _TEXT_IS_READ.match(clauseelement.text):
             tags = text_write_tags(clauseelement.text)
         else:
-            if active_reads() and isinstance(clauseelement, (Select, TextClause)):
+            if active_reads(cache) and isinstance(clauseelement, (Select, TextClause)):
                 _record_read(cache, statement_read_tags(clauseelement, params or None), "a query")
             return
         tx = pending(conn)
@@ -480,7 +500,7 @@ def merge_value(session: Session, value: object) -> object:
             if rel.key in state.dict:
                 set_committed_value(obj, rel.key, walk(state.dict[rel.key]))
         if key is not None:
-            session.add(obj)
+            _register(session, state, key, obj)
         return obj
 
     def walk(v: object) -> object:
@@ -500,6 +520,25 @@ def merge_value(session: Session, value: object) -> object:
         return v
 
     return walk(value)
+
+
+def _register(session: Session, state: Any, key: Any, obj: object) -> None:
+    """Make a snapshot instance persistent in ``session`` exactly as a row load does.
+
+    This is the ORM loader's own registration (``loading._instance``), a few attribute
+    writes instead of ``session.add``'s cascade walk; ``session.add`` is the fallback
+    should SQLAlchemy's internals change.
+    """
+    identity_map: Any = session.identity_map
+    try:
+        add_unpresent = identity_map._add_unpresent
+        hash_key = session.hash_key
+    except AttributeError:  # pragma: no cover - future SQLAlchemy
+        session.add(obj)
+        return
+    state.identity_token = key[2]
+    state.session_id = hash_key
+    add_unpresent(state, key)
 
 
 def _is_rel(prop: Any) -> bool:
@@ -536,43 +575,86 @@ def _from_cache_option(state: ORMExecuteState) -> FromCache | None:
     return None
 
 
-_plans: dict[Any, str] = {}
+class _Plan:
+    """Everything about a statement shape that does not depend on its values.
+
+    Built once per shape and process (keyed by SQLAlchemy's own cache key), so the hit
+    path neither compiles SQL nor walks the statement.
+    """
+
+    __slots__ = ("base", "partitions", "static", "tables")
+
+    def __init__(
+        self,
+        base: str,
+        static: frozenset[str],
+        partitions: tuple[tuple[Table, Column[Any], int, str], ...],
+        tables: frozenset[str],
+    ) -> None:
+        self.base = base
+        self.static = static
+        self.partitions = partitions
+        self.tables = tables
+
+    def tags(self, ck: Any, params: dict[str, Any]) -> set[str]:
+        out = set(self.static)
+        for table, column, pos, key in self.partitions:
+            bind = ck.bindparams[pos]
+            value = params[key] if key in params else bind.effective_value
+            tag = partition_tag(table, column, value)
+            out.add(tag if tag is not None else table_tag(table))
+        return out
+
+
+_plans: dict[Any, _Plan | None] = {}
 _PLAN_LIMIT = 2048
 
 
-def _statement_key(state: ORMExecuteState) -> str | None:
-    """A key stable across processes: hashed SQL text and loader options, plus the values.
+def _plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
+    if ck.key in _plans:
+        return _plans[ck.key]
+    plan = _build_plan(state, stmt, ck)
+    if len(_plans) >= _PLAN_LIMIT:
+        _plans.clear()
+    _plans[ck.key] = plan
+    return plan
 
-    The SQL is compiled once per statement shape and process (keyed by SQLAlchemy's own
-    cache key), never on the hit path.
-    """
-    stmt: Any = state.statement
-    ck = stmt._generate_cache_key()
-    if ck is None:
+
+def _build_plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
+    structure = _read_structure(stmt)
+    if structure is None:
         return None
-    shape = _plans.get(ck.key)
-    if shape is None:
-        bind = state.session.get_bind(**state.bind_arguments)
-        parts = [bind.dialect.name, str(stmt.compile(dialect=bind.dialect))]
-        for opt in stmt._with_options:
-            if isinstance(opt, FromCache):
-                continue
-            for el in getattr(opt, "context", ()):
-                parts.append(
-                    repr(
-                        (
-                            type(el).__name__,
-                            str(getattr(el, "path", "")),
-                            getattr(el, "strategy", None),
-                            sorted(getattr(el, "local_opts", {}).items()),
-                        )
+    tables, partition = structure
+    bind = state.session.get_bind(**state.bind_arguments)
+    parts = [bind.dialect.name, str(stmt.compile(dialect=bind.dialect))]
+    for opt in stmt._with_options:
+        if isinstance(opt, FromCache):
+            continue
+        for el in getattr(opt, "context", ()):
+            parts.append(
+                repr(
+                    (
+                        type(el).__name__,
+                        str(getattr(el, "path", "")),
+                        getattr(el, "strategy", None),
+                        sorted(getattr(el, "local_opts", {}).items()),
                     )
                 )
-        shape = hash_bytes("\x00".join(parts).encode())[:20]
-        if len(_plans) >= _PLAN_LIMIT:
-            _plans.clear()
-        _plans[ck.key] = shape
-    return f"q:{shape}"
+            )
+    base = "q:" + hash_bytes("\x00".join(parts).encode())[:20]
+    static: set[str] = {NAMESPACE_TAG}
+    partitions: list[tuple[Table, Column[Any], int, str]] = []
+    for table in tables:
+        term = partition.get(table)
+        pos = -1
+        if term is not None:
+            pos = next((i for i, b in enumerate(ck.bindparams) if b is term[1]), -1)
+        if term is None or pos < 0:
+            static.add(table_tag(table))
+        else:
+            static.add(any_partition_tag(table))
+            partitions.append((table, term[0], pos, term[1].key))
+    return _Plan(base, frozenset(static), tuple(partitions), frozenset(t.fullname for t in tables))
 
 
 def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
@@ -613,51 +695,47 @@ def _tables_of(tags: Iterable[str]) -> set[str]:
 def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Result[Any]:
     session = state.session
     stats = cache.stats_counters
-    if session.autoflush and (session.new or session.dirty or session.deleted):
+    if session.autoflush and not session._is_clean():
         # The ORM autoflushes only after this hook; flush first so our own pending
         # writes are known, and bypass the cache for the tables they touch.
         session.flush()
     stmt: Any = state.statement
     params = _params(state)
-    tags = statement_read_tags(stmt, params)
     pending = pending_write_tags()
     fresh = _snapshot_is_fresh(state)
     tx = _tx(session)
     tx.statements += 1
     populate = state.load_options._populate_existing if state.is_orm_statement else False
+    ck = stmt._generate_cache_key()
+    plan = None if ck is None else _plan(state, stmt, ck)
     if (
-        tags is None
+        plan is None
         or populate
         or NAMESPACE_TAG in pending
-        or (_tables_of(pending) & _tables_of(tags))
+        or (pending and _tables_of(pending) & plan.tables)
     ):
         stats.incr("bypasses")
-        _record_read(cache, tags, "a query")
+        _record_read(cache, statement_read_tags(stmt, params), "a query")
         return state.invoke_statement()
-    base = _statement_key(state)
-    if base is None:
-        stats.incr("bypasses")
-        _record_read(cache, tags, "a query")
-        return state.invoke_statement()
-    ck = stmt._generate_cache_key()
+    tags = plan.tags(ck, params)
     try:
-        values = cache.codec.canonical(
-            (
-                tuple(b.effective_value for b in ck.bindparams),
-                tuple(sorted(params.items())),
-            )
-        )
+        flat = [b.effective_value for b in ck.bindparams]
+        if params:
+            flat.append("\x00params")
+            for k in sorted(params):
+                flat.extend((k, params[k]))
+        values = cache.codec.canonical(tuple(flat))
     except UncacheableValueError:
         stats.incr("bypasses")
         _record_read(cache, tags, "a query")
         return state.invoke_statement()
-    key = f"{base}:{hash_bytes(values)}"
-    all_tags = sorted(tags | {NAMESPACE_TAG})
+    key = f"{plan.base}:{hash_bytes(values)}"
+    all_tags = sorted(tags)
 
     snap = None
-    if active_reads():
+    if active_reads(cache):
         snap = cache.guard.snapshot(all_tags)
-        for ctx in active_reads():
+        for ctx in active_reads(cache):
             ctx.record(snap, "a cached query")
             if not fresh:
                 ctx.forbid("a query read an older REPEATABLE READ snapshot")
@@ -673,7 +751,7 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
             cache.guard.delete([key])
         else:
             stats.incr("hits")
-            for ctx in active_reads():
+            for ctx in active_reads(cache):
                 ctx.loaded.update(
                     inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")
                 )

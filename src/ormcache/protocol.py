@@ -54,6 +54,7 @@ class ReadContext:
     from a read older than the snapshot, so the result is not stored.
     """
 
+    owner: object = None
     snapshot: Snapshot | None = None
     storable: bool = True
     reason: str = ""
@@ -83,9 +84,16 @@ _pending_writes: ContextVar[frozenset[str]] = ContextVar(
 )
 
 
-def active_reads() -> tuple[ReadContext, ...]:
-    """The computations (innermost last) that the current read belongs to."""
-    return _reads.get()
+def active_reads(owner: object = None) -> tuple[ReadContext, ...]:
+    """The computations (innermost last) that the current read belongs to.
+
+    With ``owner``, only those of that cache: a snapshot read from one cache's backend
+    means nothing to another cache's compare-and-set.
+    """
+    contexts = _reads.get()
+    if owner is None or not contexts:
+        return contexts
+    return tuple(c for c in contexts if c.owner is owner)
 
 
 def push_reads(ctx: ReadContext) -> object:
