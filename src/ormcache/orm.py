@@ -600,7 +600,7 @@ class _Plan:
         out = set(self.static)
         for table, column, pos, key in self.partitions:
             bind = ck.bindparams[pos]
-            value = params[key] if key in params else bind.effective_value
+            value = params[key] if key in params else bind.effective_value  # noqa: SIM401 - lazy
             tag = partition_tag(table, column, value)
             out.add(tag if tag is not None else table_tag(table))
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -244,7 +244,8 @@ class RedisBackend:
     # -- Backend ----------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         value = self._run("get", lambda: self._get(keys=[self._e + key], args=[self._g]))
-        return value if value else None
+        # None for nil (a miss); b"" is a legitimate empty payload.
+        return cast("bytes | None", value)
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
