@@ -224,3 +224,18 @@ def test_read_your_writes_inside_a_transaction(env: Any) -> None:
         s.rollback()
     assert fn("key-0-secret") == "user0/user0@example.com/True"
     assert fn("key-0-secret") == "user0/user0@example.com/True"
+
+
+def test_closing_a_session_with_unflushed_writes_does_not_disable_the_cache(env: Any) -> None:
+    """Regression: a session that flushed and was closed without commit or rollback left
+    its "pending writes" marker behind, and every later call in that thread bypassed the
+    cache."""
+    cache, Session, _ = env
+    fn = lookups(cache, Session)["memoize"]
+    with Session() as s:
+        s.get(User, 1).name = "flushed, never committed"  # type: ignore[union-attr]
+        s.flush()
+    assert fn("key-0-secret") == "user0/user0@example.com/True"
+    hits = cache.stats().hits
+    assert fn("key-0-secret") == "user0/user0@example.com/True"
+    assert cache.stats().hits == hits + 1

@@ -279,14 +279,12 @@ def _tx(session: Session) -> _Tx:
 
 
 def _publish_pending(session: Session, tags: set[str]) -> None:
-    """Make this context's reads of ``tags`` bypass the cache until commit/rollback."""
-    current = pending_write_tags()
-    if not tags <= current:
-        set_pending_write_tags(current | tags)
+    """Make this context's reads of ``tags`` bypass the cache until the transaction ends."""
+    set_pending_write_tags(id(session), frozenset(tags))
 
 
 def _withdraw_pending(session: Session) -> None:
-    set_pending_write_tags(frozenset())
+    set_pending_write_tags(id(session), frozenset())
 
 
 def _flush_tags(session: Session) -> set[str]:
@@ -384,6 +382,12 @@ def _attach_session(cache: Cache, target: Any) -> None:
     @event.listens_for(target, "after_soft_rollback")
     def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
         if previous_transaction.parent is None:
+            _finish(session)
+
+    @event.listens_for(target, "after_transaction_end")
+    def after_transaction_end(session: Session, transaction: Any) -> None:
+        # Also covers close() without commit or rollback: pending tags must not leak.
+        if transaction.parent is None:
             _finish(session)
 
     def _finish(session: Session) -> None:
@@ -744,7 +748,7 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
     if data is not None:
         try:
             decoded: Any = cache.codec.decode(data)
-            keys, rows = decoded
+            keys, rows, flags = decoded
             loaded: Any = merge_value(session, rows)
         except (CorruptPayloadError, TypeError, ValueError):
             stats.incr("corrupt")
@@ -755,7 +759,13 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
                 ctx.loaded.update(
                     inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")
                 )
-            return IteratorResult(SimpleResultMetaData(keys), iter(loaded))
+            hit_result: Any = IteratorResult(SimpleResultMetaData(keys), iter(loaded))
+            if flags:
+                # What the legacy Query reads to apply scalars() / unique() itself.
+                hit_result._attributes = hit_result._attributes.union(
+                    {"is_single_entity": bool(flags[0]), "filtered": bool(flags[1])}
+                )
+            return hit_result  # type: ignore[no-any-return]
     stats.incr("misses")
     if snap is None and fresh:
         snap = cache.guard.snapshot(all_tags)
@@ -767,7 +777,9 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         rows_out = [tuple(r) for r in frozen.data]
     if snap is not None and fresh and not pending_write_tags():
         try:
-            payload = cache.codec.encode([list(result.keys()), rows_out])
+            attrs = result._attributes
+            flags = [bool(attrs.get("is_single_entity")), bool(attrs.get("filtered"))]
+            payload = cache.codec.encode([list(result.keys()), rows_out, flags])
         except UncacheableValueError as exc:
             stats.incr("uncacheable")
             cache.guard.log.warning("uncacheable", "ormcache: query result not cached: %s", exc)

@@ -79,8 +79,10 @@ class ReadContext:
 
 
 _reads: ContextVar[tuple[ReadContext, ...]] = ContextVar("ormcache_reads", default=())
-_pending_writes: ContextVar[frozenset[str]] = ContextVar(
-    "ormcache_pending_writes", default=frozenset()
+_EMPTY: frozenset[str] = frozenset()
+# (per-writer tags, their union): the union is what the hot path reads.
+_pending_writes: ContextVar[tuple[tuple[tuple[int, frozenset[str]], ...], frozenset[str]]] = (
+    ContextVar("ormcache_pending_writes", default=((), _EMPTY))
 )
 
 
@@ -105,16 +107,22 @@ def pop_reads(token: object) -> None:
 
 
 def pending_write_tags() -> frozenset[str]:
-    """Tags written by an uncommitted transaction in this context (thread or task).
+    """Tags written by uncommitted transactions in this context (thread or task).
 
     While non-empty, reads of those tags bypass the cache so a transaction always sees
     its own writes.
     """
-    return _pending_writes.get()
+    return _pending_writes.get()[1]
 
 
-def set_pending_write_tags(tags: frozenset[str]) -> None:
-    _pending_writes.set(tags)
+def set_pending_write_tags(writer: int, tags: frozenset[str]) -> None:
+    """Record (or, with empty ``tags``, forget) what ``writer`` has written so far."""
+    entries, _ = _pending_writes.get()
+    kept = tuple((w, t) for w, t in entries if w != writer)
+    if tags:
+        kept = (*kept, (writer, tags))
+    union: frozenset[str] = _EMPTY.union(*(t for _, t in kept)) if kept else _EMPTY
+    _pending_writes.set((kept, union))
 
 
 class _RateLimitedLog:
