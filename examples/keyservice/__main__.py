@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,7 +19,8 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--users", default=200, show_default=True, help="demo users to create")
-def seed(users: int) -> None:
+@click.option("--port", default=8000, show_default=True, help="port shown in the hint")
+def seed(users: int, port: int) -> None:
     """Create demo users, each with one API key; prints one key to try."""
     from . import create_app
 
@@ -40,7 +41,7 @@ def seed(users: int) -> None:
     s.commit()
     Session.remove()
     if first_key:
-        click.echo(f"try: curl -H 'Authorization: Bearer {first_key}' http://127.0.0.1:8000/me")
+        click.echo(f"try: curl -H 'Authorization: Bearer {first_key}' http://127.0.0.1:{port}/me")
 
 
 @cli.command()
@@ -57,18 +58,20 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
             "worker would not invalidate the others. Set ORMCACHE_URL=redis://... "
             "or use --workers 1"
         )
-    gunicorn = shutil.which("gunicorn")
-    if gunicorn is None:
+    if importlib.util.find_spec("gunicorn") is None:
         raise click.ClickException("gunicorn is not installed: pip install 'ormcache[all]'")
     click.echo(f"serving on http://{host}:{port} (workers={workers}, cache={url.split('@')[-1]})")
     cmd = [
-        gunicorn,
+        sys.executable,
+        "-m",
+        "gunicorn",
         "--bind",
         f"{host}:{port}",
         "--workers",
         str(workers),
         "--threads",
         str(threads),
+        "--preload",
         "--access-logfile",
         "-",
         "--access-logformat",
@@ -84,7 +87,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 @click.pass_context
 def demo(ctx: click.Context, users: int, port: int) -> None:
     """Seed demo users, then serve: the main job on SQLite plus the in-memory cache."""
-    ctx.invoke(seed, users=users)
+    ctx.invoke(seed, users=users, port=port)
     ctx.invoke(serve, host="127.0.0.1", port=port, workers=1, threads=4)
 
 

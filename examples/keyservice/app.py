@@ -90,8 +90,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         url = f"sqlite:///{Path(app.instance_path) / 'keyservice.sqlite'}"
     engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    # With gunicorn --preload this runs in the master: forked workers must not share its
+    # pooled connections.
+    engine.dispose()
     Session = scoped_session(sessionmaker(engine, expire_on_commit=False))
 
+    cache_enabled = str(
+        app.config.get("KEYSERVICE_CACHE", os.environ.get("KEYSERVICE_CACHE", "on"))
+    )
     cache = Cache()
     db_config = {k: v for k, v in app.config.items() if k.startswith("ORMCACHE_")}
     app.config.from_mapping(db_config)
@@ -99,12 +105,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     cache.attach(Session)
     negative_ttl = float(app.config["KEYSERVICE_NEGATIVE_TTL"])
 
-    @cache.memoize(ttl=app.config["ORMCACHE_DEFAULT_TTL"], negative_ttl=negative_ttl)
-    def find_key(key_hash: str) -> ApiKey | None:
+    def lookup(key_hash: str) -> ApiKey | None:
         """The hot path: one cached lookup per request, invalidated by every commit that
         touches this key's row or its user."""
         with Session.session_factory() as s:
             return s.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+
+    # KEYSERVICE_CACHE=off serves every lookup from the database (the load test's baseline).
+    find_key = (
+        lookup
+        if cache_enabled.lower() in ("off", "0", "false")
+        else cache.memoize(ttl=app.config["ORMCACHE_DEFAULT_TTL"], negative_ttl=negative_ttl)(
+            lookup
+        )
+    )
 
     app.extensions["keyservice"] = {"engine": engine, "Session": Session, "find_key": find_key}
 

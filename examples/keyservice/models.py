@@ -50,4 +50,4 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(12))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    user: Mapped[User] = relationship(back_populates="keys", lazy="joined")
+    user: Mapped[User] = relationship(back_populates="keys", lazy="joined", innerjoin=True)
