@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         factory = sessionmaker(engine)
         cache.attach(factory)
 
-        @cache.memoize(ttl=3600)
-        def name_of(item_id: int) -> str:
+        @cache.memoize(ttl=3600, ignore=("factory",))
+        def name_of(item_id: int, factory: Any = factory) -> str:
             with factory() as s:
                 return s.scalars(select(Item.name).where(Item.id == item_id)).one()
 
