@@ -1,0 +1,152 @@
+"""The Flask extension: config mapping, Flask-SQLAlchemy, and the seed's failure pinned."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ormcache import Cache, UncacheableValueError
+from ormcache.errors import ConfigurationError
+
+
+def test_init_app_maps_config_and_registers(cache_url: str, namespace: str) -> None:
+    """``ORMCACHE_*`` keys become constructor arguments; state lives in app.extensions."""
+    app = Flask(__name__)
+    app.config.update(
+        ORMCACHE_URL=cache_url,
+        ORMCACHE_NAMESPACE=namespace,
+        ORMCACHE_DEFAULT_TTL="42",
+        ORMCACHE_STRICT="true",
+        ORMCACHE_SECRET="s3cret",
+    )
+    cache = Cache()
+    cache.init_app(app)
+    assert app.extensions["ormcache"] is cache
+    assert cache.namespace == namespace
+    assert cache.default_ttl == 42.0
+    assert cache.strict is True
+    assert cache.url == cache_url
+
+    @cache.memoize
+    def f(x: int) -> int:
+        return x + 1
+
+    assert f(1) == f(1) == 2
+    assert cache.stats().hits == 1
+    cache.clear()
+    cache.close()
+
+
+def test_init_app_rejects_unknown_and_malformed_keys() -> None:
+    app = Flask(__name__)
+    app.config["ORMCACHE_TTL"] = 5  # a typo of ORMCACHE_DEFAULT_TTL
+    with pytest.raises(ConfigurationError, match="ORMCACHE_DEFAULT_TTL"):
+        Cache().init_app(app)
+    app = Flask(__name__)
+    app.config["ORMCACHE_STRICT"] = "maybe"
+    with pytest.raises(ConfigurationError, match="boolean"):
+        Cache().init_app(app)
+
+
+class FsaBase(DeclarativeBase):
+    pass
+
+
+def test_flask_sqlalchemy_session_is_attached_and_hits_merge_into_it(
+    cache_url: str, namespace: str, tmp_path: Any
+) -> None:
+    """With Flask-SQLAlchemy 3.x: attach to db.session; a memoized lookup inside a request
+    merges its hit into the request's session; a commit invalidates it."""
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path}/fsa.db",
+        ORMCACHE_URL=cache_url,
+        ORMCACHE_NAMESPACE=namespace,
+        ORMCACHE_STRICT=True,
+    )
+    db = SQLAlchemy(app, model_class=FsaBase)
+
+    class Member(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = f"fsa_members_{uuid.uuid4().hex[:6]}"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(50), unique=True)
+
+    cache = Cache()
+    cache.init_app(app)
+    cache.attach(db.session)
+
+    @cache.memoize(merge=True)
+    def by_name(name: str) -> Any:
+        return db.session.scalars(select(Member).where(Member.name == name)).one_or_none()
+
+    @app.get("/m/<name>")
+    def show(name: str) -> Any:
+        member = by_name(name)
+        if member is None:
+            return jsonify(found=False)
+        assert member in db.session
+        return jsonify(found=True, name=member.name, id=member.id)
+
+    @app.post("/m/<name>/rename/<new>")
+    def rename(name: str, new: str) -> Any:
+        member = db.session.scalars(select(Member).where(Member.name == name)).one()
+        member.name = new
+        db.session.commit()
+        return jsonify(ok=True)
+
+    with app.app_context():
+        db.create_all()
+        db.session.add(Member(id=1, name="ann"))
+        db.session.commit()
+    client = app.test_client()
+    assert client.get("/m/ann").json == {"found": True, "name": "ann", "id": 1}
+    assert client.get("/m/ann").json == {"found": True, "name": "ann", "id": 1}
+    assert cache.stats().hits == 1
+    assert client.post("/m/ann/rename/bea").json == {"ok": True}
+    assert client.get("/m/ann").json == {"found": False}
+    assert client.get("/m/bea").json == {"found": True, "name": "bea", "id": 1}
+    with app.app_context():
+        db.drop_all()
+    cache.clear()
+    cache.close()
+
+
+def test_service_keeps_answering_when_its_lookup_cannot_be_cached(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's outage, pinned: the memoized key lookup is asked to cache a value the
+    codec refuses. In non-strict mode every request still answers 200 (uncached), and the
+    problem is logged once, without the key."""
+    from examples.keyservice import create_app
+
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/ks.db", "ORMCACHE_STRICT": False})
+    cache: Cache = app.extensions["ormcache"]
+
+    def refuse(value: object, **_: object) -> bytes:
+        raise UncacheableValueError(
+            "value['_sa_instance_state'] is SQLAlchemy internal state; return the object "
+            "or ormcache.as_dict(obj)",
+            path="value['_sa_instance_state']",
+        )
+
+    client = app.test_client()
+    created = client.post("/users", json={"name": "Seed", "email": "seed@example.com"})
+    key = created.json["api_key"]
+    monkeypatch.setattr(cache.codec, "encode", refuse)
+    with caplog.at_level(logging.WARNING, logger="ormcache"):
+        statuses = [
+            client.get("/me", headers={"Authorization": f"Bearer {key}"}).status_code
+            for _ in range(10)
+        ]
+    assert statuses == [200] * 10
+    assert cache.stats().uncacheable == 10
+    assert cache.stats().stores == 0
+    assert len([r for r in caplog.records if "cannot be cached" in r.getMessage()]) == 1
+    assert key not in caplog.text
