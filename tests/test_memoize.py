@@ -299,3 +299,15 @@ def test_address_model_is_cacheable(cache: Cache, sqlite_engine: Any) -> None:
     assert [a.city for a in hit] == [a.city for a in first]
     assert hit[0].user is hit[1].user
     assert hit[0].user.name == "user0"
+
+
+def test_equal_but_differently_typed_arguments_get_their_own_entries(cache: Cache) -> None:
+    """1, 1.0 and True are equal (and equal dict keys) but are different calls."""
+
+    @cache.memoize
+    def kind(x: object) -> str:
+        return type(x).__name__
+
+    for _ in range(2):
+        assert [kind(1), kind(1.0), kind(True), kind("1")] == ["int", "float", "bool", "str"]
+    assert len({kind.cache_key(v) for v in (1, 1.0, True, "1")}) == 4

@@ -23,6 +23,7 @@ __all__ = ["ArgumentKeyer", "function_prefix", "hash_bytes"]
 # Arguments that say *where* to read, not *what*: they never change the result's
 # identity, and they have no stable value to hash.
 _SESSION_TYPES: tuple[type, ...] = (Session, scoped_session, Connection)
+_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
 
 
 def hash_bytes(data: bytes) -> str:
@@ -47,7 +48,15 @@ class ArgumentKeyer:
     ``Signature.bind``, which alone would cost more than a memory-backend hit.
     """
 
-    __slots__ = ("_codec", "_ignore", "_positional", "_prefix", "_signature", "_skip_positions")
+    __slots__ = (
+        "_codec",
+        "_ignore",
+        "_memo",
+        "_positional",
+        "_prefix",
+        "_signature",
+        "_skip_positions",
+    )
 
     def __init__(
         self,
@@ -72,8 +81,28 @@ class ArgumentKeyer:
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._positional = len(params) if simple else -1
         self._skip_positions = frozenset(i for i, p in enumerate(params) if p.name in self._ignore)
+        # Keys of recent all-scalar calls: hashing is most of a memory hit's cost. The
+        # types are part of the memo key because 1, 1.0 and True are equal dict keys.
+        self._memo: dict[tuple[Any, ...], str] = {}
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if not kwargs and len(args) == self._positional and not self._skip_positions:
+            try:
+                memo_key: tuple[Any, ...] | None = (*args, *map(type, args))
+                found = self._memo.get(memo_key)  # type: ignore[arg-type]
+            except TypeError:  # an unhashable argument
+                memo_key, found = None, None
+            if found is not None:
+                return found
+            key = self._compute(args, kwargs)
+            if memo_key is not None and all(type(a) in _SCALARS for a in args):
+                if len(self._memo) >= 4096:
+                    self._memo.clear()
+                self._memo[memo_key] = key
+            return key
+        return self._compute(args, kwargs)
+
+    def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if not kwargs and len(args) == self._positional:
             values: tuple[Any, ...] = args
         else:
