@@ -58,19 +58,6 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def measure(fn: Callable[[], object], *, batches: int, per_batch: int) -> float:
-    """Median per-call seconds over ``batches`` batches (after a warm-up batch)."""
-    for _ in range(per_batch):
-        fn()
-    samples = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(per_batch):
-            fn()
-        samples.append((time.perf_counter() - start) / per_batch)
-    return statistics.median(samples)
-
-
 def prepare(url: str, n_users: int) -> sessionmaker[Session]:
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
@@ -92,8 +79,8 @@ def prepare(url: str, n_users: int) -> sessionmaker[Session]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ormcache hit benchmarks")
-    parser.add_argument("--batches", type=int, default=15)
-    parser.add_argument("--per-batch", type=int, default=400)
+    parser.add_argument("--batches", type=int, default=21)
+    parser.add_argument("--per-batch", type=int, default=200)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args(argv)
@@ -113,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     stmt = select(BenchUser).where(BenchUser.api_key_hash == target)
     results: dict[str, float] = {}
     notes: dict[str, str] = {}
+    cases: list[tuple[str, Callable[[], object]]] = []
 
     def run(label: str, fn: Callable[[], object]) -> None:
-        print(f"  measuring {label} ...", file=sys.stderr, flush=True)
-        results[label] = measure(fn, batches=args.batches, per_batch=args.per_batch)
+        # Only registered here; measured interleaved below, so a noisy neighbour slows
+        # every case alike instead of whichever happened to run at that moment.
+        fn()
+        cases.append((label, fn))
 
     # -- uncached queries ------------------------------------------------------------
     for name, factory in databases.items():
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with app.app_context():
         fc_get_user(target)
-        run("flask-caching memoize hit (redis, pickle)", lambda: fc_get_user(target))
+    run("flask-caching memoize hit (redis, pickle)", lambda: fc_get_user(target))
 
     # -- dogpile.cache + FrozenResult/merge_frozen_result (SQLAlchemy's recipe) ------
     region = make_region().configure(
@@ -204,6 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
     dogpile_lookup()
     run("dogpile.cache + merge_frozen_result hit (redis)", dogpile_lookup)
+
+    samples: dict[str, list[float]] = {label: [] for label, _ in cases}
+    with app.app_context():
+        for r in range(args.batches + 1):
+            print(f"  round {r + 1}/{args.batches + 1}", file=sys.stderr, flush=True)
+            for label, fn in cases:
+                start = time.perf_counter()
+                for _ in range(args.per_batch):
+                    fn()
+                if r:  # the first round warms up
+                    samples[label].append((time.perf_counter() - start) / args.per_batch)
+    results.update({label: statistics.median(v) for label, v in samples.items()})
 
     # -- payload size -----------------------------------------------------------------
     with factory() as s:

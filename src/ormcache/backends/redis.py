@@ -55,7 +55,7 @@ if #keys > 0 then
     if cur[i] ~= gens[i] then return false end
   end
 end
-return string.sub(v, 7 + hl)
+return v
 """
 
 # Shared by the scripts below: is any of the lease keys KEYS[first..last] held?
@@ -159,6 +159,26 @@ return 1
 )
 
 
+_KNOWN_LIMIT = 100_000
+
+
+def _parse_entry(value: Any) -> tuple[tuple[str, ...], tuple[bytes, ...], bytes] | None:
+    """Split a stored entry into tags, recorded generations and payload; None if malformed."""
+    if not isinstance(value, bytes) or len(value) < 6 or value[:4] != _ENTRY_MAGIC:
+        return None
+    length = int.from_bytes(value[4:6], "big")
+    if len(value) < 6 + length:
+        return None
+    lines = value[6 : 6 + length].split(b"\n")
+    if lines[-1] != b"" or len(lines) % 2 != 1:
+        return None
+    try:
+        tags = tuple(t.decode("ascii") for t in lines[0:-1:2])
+    except UnicodeDecodeError:
+        return None
+    return tags, tuple(lines[1:-1:2]), value[6 + length :]
+
+
 def _fresh() -> int:
     return secrets.randbits(62)
 
@@ -193,6 +213,8 @@ class RedisBackend:
         self._bump = client.register_script(_BUMP)
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        # entry key -> its tags, as last stored or read by this process
+        self._known: dict[str, tuple[str, ...]] = {}
 
     @classmethod
     def from_url(
@@ -243,9 +265,38 @@ class RedisBackend:
 
     # -- Backend ----------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        value = self._run("get", lambda: self._get(keys=[self._e + key], args=[self._g]))
-        # None for nil (a miss); b"" is a legitimate empty payload.
-        return cast("bytes | None", value)
+        """One round trip either way: a plain MGET of the entry and its generations when
+        this process already knows the entry's tags, else the Lua script (which then
+        teaches us the tags). MGET is atomic, so both read one consistent state."""
+        entry_key = self._e + key
+        known = self._known.get(key)
+        if known is not None:
+            names = [entry_key, *(self._g + t for t in known)]
+            values = self._run("get", lambda: self.client.mget(names))
+            parsed = _parse_entry(values[0])
+            if parsed is None:
+                return None
+            tags, gens, payload = parsed
+            if tags == known:
+                current = values[1:]
+                for gen, cur in zip(gens, current):
+                    if cur is None or cur != gen:
+                        return None
+                return payload
+            # The entry was rewritten with other tags: learn them through the script.
+        value = self._run("get", lambda: self._get(keys=[entry_key], args=[self._g]))
+        if value is None:
+            return None
+        parsed = _parse_entry(value)
+        if parsed is None:
+            return None
+        self._learn(key, parsed[0])
+        return parsed[2]
+
+    def _learn(self, key: str, tags: tuple[str, ...]) -> None:
+        if len(self._known) >= _KNOWN_LIMIT:
+            self._known.clear()
+        self._known[key] = tags
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
@@ -264,7 +315,10 @@ class RedisBackend:
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         keys = [self._e + key, *self._gen_keys(snapshot.tags), *self._lease_keys(snapshot.tags)]
         args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
-        return bool(self._run("set", lambda: self._set(keys=keys, args=args)))
+        stored = bool(self._run("set", lambda: self._set(keys=keys, args=args)))
+        if stored:
+            self._learn(key, snapshot.tags)
+        return stored
 
     def delete(self, keys: Sequence[str]) -> None:
         if keys:
