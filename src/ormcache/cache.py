@@ -38,7 +38,9 @@ class Cache:
 
     ``strict=True`` raises :class:`~ormcache.UncacheableValueError` for values that cannot
     be cached (use it in tests); otherwise such values are served uncached and logged
-    once. ``secret`` HMAC-signs payloads, so entries written by anyone without the secret
+    once. ``stampede_lock`` makes concurrent misses on one key compute once (single-flight
+    in the process, a lock in the backend across processes, waits bounded by
+    ``lock_wait``). ``secret`` HMAC-signs payloads, so entries written by anyone without the secret
     are rejected. Timeouts bound what a slow backend can add to a call, and after
     ``breaker_threshold`` consecutive failures the backend is skipped for
     ``breaker_cooldown`` seconds.
@@ -58,6 +60,9 @@ class Cache:
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         max_entries: int = 10_000,
+        stampede_lock: bool = True,
+        lock_wait: float = 5.0,
+        lock_ttl: float = 30.0,
         backend: Backend | None = None,
     ) -> None:
         self._memoized: list[Memoized[Any, Any]] = []
@@ -75,6 +80,9 @@ class Cache:
             "breaker_threshold": breaker_threshold,
             "breaker_cooldown": breaker_cooldown,
             "max_entries": max_entries,
+            "stampede_lock": stampede_lock,
+            "lock_wait": lock_wait,
+            "lock_ttl": lock_ttl,
             "backend": backend,
         }
         self._build()
@@ -119,6 +127,14 @@ class Cache:
         self.default_ttl: float | None = default_ttl
         self.strict: bool = cfg["strict"]
         self.lease_ttl = lease_ttl
+        self.stampede_lock: bool = bool(cfg["stampede_lock"])
+        self.lock_wait = float(cfg["lock_wait"])
+        self.lock_ttl = float(cfg["lock_ttl"])
+        if self.lock_wait < 0 or self.lock_ttl <= 0:
+            raise ConfigurationError(
+                "lock_wait must be >= 0 and lock_ttl > 0 seconds; lock_ttl should exceed your "
+                "slowest computation"
+            )
         secret = cfg["secret"]
         key = secret.encode() if isinstance(secret, str) else secret
         self.codec = Codec(secret=key or None)

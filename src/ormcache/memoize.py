@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
+import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -20,6 +23,8 @@ from .protocol import (
     NAMESPACE_TAG,
     ReadContext,
     active_reads,
+    begin_call,
+    end_call,
     pending_write_tags,
     pop_reads,
     push_reads,
@@ -67,10 +72,19 @@ class Memoized(Generic[P, R]):
         self._ignore = tuple(ignore)
         self._keyer = ArgumentKeyer(fn, self.prefix, cache.codec, ignore)
         self._warned_uncacheable = False
+        self._flights: dict[str, threading.Event] = {}
+        self._flights_lock = threading.Lock()
         functools.update_wrapper(self, fn)
 
     # -- public -----------------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        token = begin_call()
+        try:
+            return self._call(args, kwargs)
+        finally:
+            end_call(token)
+
+    def _call(self, args: Any, kwargs: Any) -> R:
         cache = self._cache
         try:
             key = self._keyer(args, kwargs)
@@ -82,25 +96,75 @@ class Memoized(Generic[P, R]):
         # data older than those writes: in both cases compute instead of looking up.
         if active_reads() or pending_write_tags():
             cache.stats_counters.incr("bypasses")
-        else:
-            data = cache.guard.get(key)
-            if data is not None:
-                try:
-                    value = cache.codec.decode(data)
-                except CorruptPayloadError as exc:
-                    cache.stats_counters.incr("corrupt")
-                    cache.guard.log.warning(
-                        "corrupt",
-                        "ormcache: dropped an undecodable entry of %s: %s",
-                        self.prefix,
-                        exc,
-                    )
-                    cache.guard.delete([key])
-                else:
-                    cache.stats_counters.incr("hits")
-                    return self._deliver(value)  # type: ignore[return-value]
-            cache.stats_counters.incr("misses")
-        return self._compute(key, args, kwargs)
+            return self._compute(key, args, kwargs)
+        found, value = self._lookup(key)
+        if found:
+            return value  # type: ignore[return-value]
+        cache.stats_counters.incr("misses")
+        if not cache.stampede_lock:
+            return self._compute(key, args, kwargs)
+        return self._compute_once(key, args, kwargs)
+
+    def _lookup(self, key: str) -> tuple[bool, object]:
+        cache = self._cache
+        data = cache.guard.get(key)
+        if data is None:
+            return False, None
+        try:
+            value = cache.codec.decode(data)
+        except CorruptPayloadError as exc:
+            cache.stats_counters.incr("corrupt")
+            cache.guard.log.warning(
+                "corrupt", "ormcache: dropped an undecodable entry of %s: %s", self.prefix, exc
+            )
+            cache.guard.delete([key])
+            return False, None
+        cache.stats_counters.incr("hits")
+        return True, self._deliver(value)
+
+    def _compute_once(self, key: str, args: Any, kwargs: Any) -> R:
+        """Many concurrent misses on one key cost one computation.
+
+        Within the process, followers wait for the leader (single-flight); across
+        processes, the leader takes a lock in the backend and the others poll for the
+        stored value. Every wait is bounded by ``lock_wait``, after which a waiter computes
+        itself, so a dead lock holder (its lock also expires) never blocks anyone for long.
+        Followers read the stored entry rather than share the leader's objects, so each
+        caller gets its own instances.
+        """
+        cache = self._cache
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = threading.Event()
+        if not leader:
+            flight.wait(cache.lock_wait)
+            found, value = self._lookup(key)
+            return value if found else self._compute(key, args, kwargs)  # type: ignore[return-value]
+        try:
+            token = uuid.uuid4().hex
+            lock_key = "lk:" + key
+            taken = cache.guard.lock(lock_key, token, cache.lock_ttl)
+            if taken is False:
+                deadline = time.monotonic() + cache.lock_wait
+                pause = 0.005
+                while time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+                    found, value = self._lookup(key)
+                    if found:
+                        return value  # type: ignore[return-value]
+                return self._compute(key, args, kwargs)
+            try:
+                return self._compute(key, args, kwargs)
+            finally:
+                if taken:
+                    cache.guard.unlock(lock_key, token)
+        finally:
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            flight.set()
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Drop the entry for these arguments (the same binding rules as a call)."""

@@ -79,6 +79,19 @@ class ReadContext:
 
 
 _reads: ContextVar[tuple[ReadContext, ...]] = ContextVar("ormcache_reads", default=())
+#: Set when a backend call failed during the current cached call: the rest of that call
+#: skips the backend, so one call never waits for more than one timeout.
+_call_failed: ContextVar[bool] = ContextVar("ormcache_call_failed", default=False)
+
+
+def begin_call() -> object:
+    return _call_failed.set(False)
+
+
+def end_call(token: object) -> None:
+    _call_failed.reset(token)  # type: ignore[arg-type]
+
+
 _EMPTY: frozenset[str] = frozenset()
 # (per-writer tags, their union): the union is what the hot path reads.
 _pending_writes: ContextVar[tuple[tuple[tuple[int, frozenset[str]], ...], frozenset[str]]] = (
@@ -159,6 +172,7 @@ class Guard:
 
     # -- plumbing ---------------------------------------------------------------------
     def _failed(self, op: str, exc: BackendError) -> None:
+        _call_failed.set(True)
         self.stats.incr("errors")
         opened = self.breaker.failure()
         self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, exc)
@@ -188,6 +202,8 @@ class Guard:
         return not self._owed
 
     def usable(self) -> bool:
+        if _call_failed.get():
+            return False
         if not self.breaker.allow():
             self.stats.incr("bypasses")
             return False
@@ -233,6 +249,25 @@ class Guard:
             self.backend.delete(keys)
         except BackendError as exc:
             self._failed("delete", exc)
+
+    def lock(self, key: str, token: str, ttl: float) -> bool | None:
+        """True if taken, False if another process holds it, None if the backend failed
+        (then nobody can coordinate, so the caller computes)."""
+        if not self.usable():
+            return None
+        try:
+            taken = self.backend.lock(key, token, ttl)
+        except BackendError as exc:
+            self._failed("lock", exc)
+            return None
+        self.breaker.success()
+        return taken
+
+    def unlock(self, key: str, token: str) -> None:
+        try:
+            self.backend.unlock(key, token)
+        except BackendError as exc:
+            self._failed("unlock", exc)
 
     # -- writes -----------------------------------------------------------------------
     def _owe(self, tags: Sequence[str]) -> None:

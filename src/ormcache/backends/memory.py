@@ -49,6 +49,7 @@ class MemoryBackend:
         ] = OrderedDict()
         self._gens: OrderedDict[str, int] = OrderedDict()
         self._leases: dict[str, dict[str, float]] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
 
     # -- helpers (call with the lock held) --------------------------------------------
     def _gen(self, tag: str) -> int:
@@ -147,6 +148,23 @@ class MemoryBackend:
                     holders.pop(token, None)
                     if not holders:
                         del self._leases[tag]
+
+    def lock(self, key: str, token: str, ttl: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            held = self._locks.get(key)
+            if held is not None and held[1] > now:
+                return False
+            self._locks[key] = (token, now + ttl)
+            if len(self._locks) > self.max_entries:
+                self._locks = {k: v for k, v in self._locks.items() if v[1] > now}
+            return True
+
+    def unlock(self, key: str, token: str) -> None:
+        with self._lock:
+            held = self._locks.get(key)
+            if held is not None and held[0] == token:
+                del self._locks[key]
 
     def clear(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -179,6 +179,13 @@ def _parse_entry(value: Any) -> tuple[tuple[str, ...], tuple[bytes, ...], bytes]
     return tags, tuple(lines[1:-1:2]), value[6 + length :]
 
 
+# Delete the lock only if we still hold it: after our TTL ran out it may be someone else's.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _fresh() -> int:
     return secrets.randbits(62)
 
@@ -213,6 +220,8 @@ class RedisBackend:
         self._bump = client.register_script(_BUMP)
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._unlock = client.register_script(_UNLOCK)
+        self._k = f"{namespace}:k:"
         # entry key -> its tags, as last stored or read by this process
         self._known: dict[str, tuple[str, ...]] = {}
 
@@ -348,6 +357,15 @@ class RedisBackend:
         keys = self._gen_keys(tags) + self._lease_keys(tags)
         args: list[bytes | str | int] = [_fresh(), self._gen_ttl_ms, len(tags), token]
         self._run("release", lambda: self._release(keys=keys, args=args))
+
+    def lock(self, key: str, token: str, ttl: float) -> bool:
+        ms = max(1, int(ttl * 1000))
+        return bool(
+            self._run("lock", lambda: self.client.set(self._k + key, token, nx=True, px=ms))
+        )
+
+    def unlock(self, key: str, token: str) -> None:
+        self._run("unlock", lambda: self._unlock(keys=[self._k + key], args=[token]))
 
     def clear(self) -> None:
         """Delete this namespace's entries and generations in batches (SCAN + UNLINK,
