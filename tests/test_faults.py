@@ -1,0 +1,254 @@
+"""The cache never takes the app down: real Redis processes killed, hung, flushed and
+restarted under load; and stampedes (DESIGN §6-7)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import Cache
+from tests import stampede_workers
+from tests.models import User, key_hash, seed
+
+TIMEOUT = 0.2
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port; never the shared one."""
+
+    def __init__(self, tmp: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; the fault tests need it")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                client.close()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(str(tmp_path))
+    server.start()
+    yield server
+    server.kill()
+
+
+def _lookup_fn(cache: Cache, Session: Any) -> Any:
+    @cache.memoize(ttl=60)
+    def name_of(api_key: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(
+                select(User).where(User.api_key_hash == key_hash(api_key))
+            ).one_or_none()
+            return None if user is None else user.name
+
+    return name_of
+
+
+def test_killed_and_restarted_redis_costs_no_failed_call(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Threads serve through a Redis that is killed, then restarted: 0 failed calls,
+    correct data, every call bounded, and caching resumes by itself."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=5)
+    cache = Cache(
+        private_redis.url,
+        namespace="faults",
+        socket_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        breaker_cooldown=0.3,
+    )
+    cache.attach(Session)
+    name_of = _lookup_fn(cache, Session)
+    failures: list[BaseException] = []
+    wrong: list[object] = []
+    slowest = [0.0]
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            key = keys[i % len(keys)]
+            start = time.perf_counter()
+            try:
+                got = name_of(key)
+            except BaseException as exc:
+                failures.append(exc)
+                continue
+            took = time.perf_counter() - start
+            with lock:
+                slowest[0] = max(slowest[0], took)
+            if got != f"user{keys.index(key)}":
+                wrong.append(got)
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    private_redis.kill()
+    time.sleep(1.0)
+    errors_while_down = cache.stats().errors
+    private_redis.start()
+    deadline = time.monotonic() + 5
+    hits_after_restart = cache.stats().hits
+    while time.monotonic() < deadline and cache.stats().hits <= hits_after_restart + 20:
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert wrong == []
+    assert errors_while_down > 0
+    assert cache.stats().hits > hits_after_restart + 20, "caching did not resume"
+    # Connection refused is immediate; the bound is one timeout plus the query itself.
+    assert slowest[0] < TIMEOUT + 0.5, slowest[0]
+    cache.close()
+
+
+def test_hanging_redis_adds_at_most_one_timeout_per_call(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """A Redis that stops answering (SIGSTOP: connections stay open, nothing replies)
+    delays a call by at most the socket timeout, and the breaker then skips it."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=3)
+    cache = Cache(
+        private_redis.url,
+        namespace="hang",
+        socket_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        breaker_cooldown=5,
+    )
+    cache.attach(Session)
+    name_of = _lookup_fn(cache, Session)
+    assert name_of(keys[0]) == "user0"
+    assert private_redis.proc is not None
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    durations = []
+    try:
+        for i in range(12):
+            start = time.perf_counter()
+            assert name_of(keys[i % 3]) == f"user{i % 3}"
+            durations.append(time.perf_counter() - start)
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    assert max(durations) < TIMEOUT + 0.3, durations
+    assert sum(d > TIMEOUT / 2 for d in durations) <= 3  # then the breaker is open
+    assert cache.breaker.is_open
+    cache.close()
+
+
+def test_flush_and_restart_never_make_old_entries_valid(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """After FLUSHALL or a restart, nothing cached before comes back as a valid hit, and
+    a commit made while the cache was empty is seen."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    cache = Cache(private_redis.url, namespace="flush", socket_timeout=TIMEOUT)
+    cache.attach(Session)
+    name_of = _lookup_fn(cache, Session)
+    assert name_of(keys[0]) == name_of(keys[0]) == "user0"
+    hits = cache.stats().hits
+    client = redis.Redis(port=private_redis.port)
+    client.flushall()
+    assert name_of(keys[0]) == "user0"
+    assert cache.stats().hits == hits  # a miss
+    with Session() as s:
+        s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    assert name_of(keys[0]) == "renamed"
+    private_redis.kill()
+    private_redis.start()
+    assert name_of(keys[0]) == "renamed"
+    assert name_of(keys[0]) == "renamed"
+    client.close()
+    cache.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", [True, False])
+def test_stampede_of_50_callers_in_4_processes(redis_url: str, lock: bool) -> None:
+    """50 concurrent callers (4 processes x 12-13 threads) miss one cold key whose
+    computation takes 200 ms: with locking on, it is computed exactly once."""
+    ctx = mp.get_context("spawn")
+    namespace = f"stampede-{uuid.uuid4().hex[:8]}"
+    computations = ctx.Value("i", 0)
+    go = ctx.Event()
+    results = ctx.Queue()
+    sizes = [13, 13, 12, 12]
+    procs = [
+        ctx.Process(
+            target=stampede_workers.run,
+            args=(redis_url, namespace, lock, n, computations, go, results),
+        )
+        for n in sizes
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(3.0)  # let every process import and start its threads
+    go.set()
+    answered = sum(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    print(f"\nstampede, lock={lock}: {computations.value} computations for 50 callers")
+    assert answered == 50
+    if lock:
+        assert computations.value == 1
+    else:
+        assert computations.value > 1
+    Cache(redis_url, namespace=namespace).clear()
