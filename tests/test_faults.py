@@ -252,3 +252,74 @@ def test_stampede_of_50_callers_in_4_processes(redis_url: str, lock: bool) -> No
     else:
         assert computations.value > 1
     Cache(redis_url, namespace=namespace).clear()
+
+
+def test_stale_while_revalidate_serves_expired_but_never_invalidated_values(
+    cache: Cache, sqlite_engine: Any
+) -> None:
+    """Past its TTL an entry is served at once while one background refresh runs; an
+    entry a commit invalidated is never served stale."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=1)
+    cache.attach(Session)
+    calls = {"n": 0}
+
+    @cache.memoize(ttl=0.3, stale_ttl=30)
+    def slow_name(api_key: str) -> str:
+        calls["n"] += 1
+        time.sleep(0.2)
+        with Session() as s:
+            user = s.scalars(select(User).where(User.api_key_hash == key_hash(api_key))).one()
+            return f"{user.name}#{calls['n']}"
+
+    assert slow_name(keys[0]) == "user0#1"
+    time.sleep(0.4)
+    start = time.perf_counter()
+    assert slow_name(keys[0]) == "user0#1"  # stale, served without waiting
+    assert time.perf_counter() - start < 0.15
+    assert cache.stats().stale_hits == 1
+    deadline = time.monotonic() + 3
+    while slow_name(keys[0]) != "user0#2" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow_name(keys[0]) == "user0#2"
+    with Session() as s:
+        s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    assert slow_name(keys[0]).startswith("renamed#")  # invalidated: recomputed, not stale
+
+
+def test_early_refresh_recomputes_before_expiry(cache: Cache) -> None:
+    """XFetch: with a large beta and a slow computation, a hit shortly before expiry
+    becomes a recomputation for that caller."""
+    calls = {"n": 0}
+
+    @cache.memoize(ttl=2.0, early_refresh=1000.0)
+    def slow() -> int:
+        calls["n"] += 1
+        time.sleep(0.05)
+        return calls["n"]
+
+    assert slow() == 1
+    assert slow() == 2
+    assert cache.stats().early_refreshes >= 1
+
+
+def test_old_codec_version_is_a_miss(cache: Cache) -> None:
+    """A payload from another codec version is deleted and recomputed, never decoded."""
+    calls = {"n": 0}
+
+    @cache.memoize
+    def f() -> int:
+        calls["n"] += 1
+        return calls["n"]
+
+    assert f() == 1
+    key = f.cache_key()
+    snap = cache.backend.snapshot(["*"])
+    assert snap is not None
+    good = cache.backend.get(key)
+    assert good is not None
+    old = good[:17] + b"OC\x00" + good[20:]  # version byte 0
+    assert cache.backend.set(key, old, 60, snap)
+    assert f() == 2
+    assert cache.stats().corrupt == 1

@@ -171,6 +171,8 @@ class Cache:
         ttl: float | None = ...,
         timeout: float | None = ...,
         negative_ttl: float | None = ...,
+        stale_ttl: float | None = ...,
+        early_refresh: float | None = ...,
         strict: bool | None = ...,
         merge: MergeTarget = ...,
         ignore: Collection[str] = ...,
@@ -185,6 +187,8 @@ class Cache:
         ttl: float | None = None,
         timeout: float | None = None,
         negative_ttl: float | None = None,
+        stale_ttl: float | None = None,
+        early_refresh: float | None = None,
         strict: bool | None = None,
         merge: MergeTarget = False,
         ignore: Collection[str] = (),
@@ -197,6 +201,10 @@ class Cache:
         ``negative_ttl`` applies instead when the result is None (an unknown key), so a
         flood of random keys cannot fill the cache for long; a commit that creates the row
         invalidates such an entry at once either way.
+        ``stale_ttl`` serves an entry for that long past its TTL while one caller refreshes
+        it in the background (never an entry a commit invalidated). ``early_refresh``
+        (XFetch's beta, 1.0 is typical) recomputes shortly before expiry, at random, so a
+        hot key never expires for everyone at once.
         ``merge`` merges hits into a session, so they behave as instances loaded there.
         ``ignore`` lists parameters that do not affect the result; sessions and
         connections are always ignored. Bump ``version`` when the return shape changes.
@@ -216,6 +224,8 @@ class Cache:
                 func,
                 ttl=chosen if chosen is not None else self.default_ttl,
                 negative_ttl=negative_ttl,
+                stale_ttl=stale_ttl,
+                early_refresh=early_refresh,
                 strict=self.strict if strict is None else strict,
                 merge=merge,
                 ignore=ignore,

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import random
+import struct
 import threading
 import time
 import uuid
@@ -42,6 +45,11 @@ R = TypeVar("R")
 
 logger = logging.getLogger("ormcache")
 
+# Memoize entries carry (fresh until, seconds the computation took) before the payload:
+# what stale-while-revalidate and early refresh need, in 17 bytes.
+_META = struct.Struct(">cdd")
+_META_TAG = b"m"
+
 #: ``merge=`` accepts True (the session the cache is attached to, if it is a
 #: ``scoped_session``) or a callable returning the session to merge hits into.
 MergeTarget = bool | Callable[[], "Session | None"]
@@ -57,6 +65,8 @@ class Memoized(Generic[P, R]):
         *,
         ttl: float | None,
         negative_ttl: float | None = None,
+        stale_ttl: float | None = None,
+        early_refresh: float | None = None,
         strict: bool,
         merge: MergeTarget,
         ignore: Collection[str],
@@ -66,6 +76,8 @@ class Memoized(Generic[P, R]):
         self._fn = fn
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.stale_ttl = stale_ttl
+        self.early_refresh = early_refresh
         self.strict = strict
         self._merge = merge
         self.prefix = function_prefix(fn, version)
@@ -97,7 +109,7 @@ class Memoized(Generic[P, R]):
         if active_reads() or pending_write_tags():
             cache.stats_counters.incr("bypasses")
             return self._compute(key, args, kwargs)
-        found, value = self._lookup(key)
+        found, value = self._lookup(key, args, kwargs)
         if found:
             return value  # type: ignore[return-value]
         cache.stats_counters.incr("misses")
@@ -105,24 +117,60 @@ class Memoized(Generic[P, R]):
             return self._compute(key, args, kwargs)
         return self._compute_once(key, args, kwargs)
 
-    def _lookup(self, key: str) -> tuple[bool, object]:
+    def _lookup(self, key: str, args: Any, kwargs: Any) -> tuple[bool, object]:
         cache = self._cache
         data = cache.guard.get(key)
         if data is None:
             return False, None
         try:
-            value = cache.codec.decode(data)
-        except CorruptPayloadError as exc:
+            tag, fresh_until, took = _META.unpack_from(data)
+            if tag != _META_TAG:
+                raise CorruptPayloadError("memoize entry without its header")
+            value = cache.codec.decode(data[_META.size :])
+        except (CorruptPayloadError, struct.error) as exc:
             cache.stats_counters.incr("corrupt")
             cache.guard.log.warning(
                 "corrupt", "ormcache: dropped an undecodable entry of %s: %s", self.prefix, exc
             )
             cache.guard.delete([key])
             return False, None
+        now = time.time()
+        if now >= fresh_until:
+            # Past its TTL but kept for the stale window (entries a commit invalidated
+            # never get here: the backend already refused them).
+            if self.stale_ttl is None:
+                return False, None
+            self._refresh_in_background(key, args, kwargs)
+            cache.stats_counters.incr("stale_hits")
+        elif self.early_refresh and took > 0:
+            # XFetch: recompute a little before expiry, more likely the closer it gets
+            # and the longer the computation takes, so expiry never stampedes.
+            gap = -took * self.early_refresh * math.log(random.random() or 1e-12)
+            if now + gap >= fresh_until:
+                cache.stats_counters.incr("early_refreshes")
+                return False, None
         cache.stats_counters.incr("hits")
         return True, self._deliver(value)
 
-    def _compute_once(self, key: str, args: Any, kwargs: Any) -> R:
+    def _refresh_in_background(self, key: str, args: Any, kwargs: Any) -> None:
+        with self._flights_lock:
+            if key in self._flights:
+                return
+        thread = threading.Thread(
+            target=self._refresh, args=(key, args, kwargs), name="ormcache-refresh", daemon=True
+        )
+        thread.start()
+
+    def _refresh(self, key: str, args: Any, kwargs: Any) -> None:
+        token = begin_call()
+        try:
+            self._compute_once(key, args, kwargs, refresh=True)
+        except Exception:
+            logger.warning("ormcache: background refresh of %s failed", self.prefix, exc_info=True)
+        finally:
+            end_call(token)
+
+    def _compute_once(self, key: str, args: Any, kwargs: Any, *, refresh: bool = False) -> R:
         """Many concurrent misses on one key cost one computation.
 
         Within the process, followers wait for the leader (single-flight); across
@@ -139,8 +187,10 @@ class Memoized(Generic[P, R]):
             if flight is None:
                 flight = self._flights[key] = threading.Event()
         if not leader:
+            if refresh:
+                return None  # type: ignore[return-value]
             flight.wait(cache.lock_wait)
-            found, value = self._lookup(key)
+            found, value = self._lookup(key, args, kwargs)
             return value if found else self._compute(key, args, kwargs)  # type: ignore[return-value]
         try:
             token = uuid.uuid4().hex
@@ -152,7 +202,9 @@ class Memoized(Generic[P, R]):
                 while time.monotonic() < deadline:
                     time.sleep(pause)
                     pause = min(pause * 2, 0.05)
-                    found, value = self._lookup(key)
+                    if refresh:
+                        return None  # type: ignore[return-value]
+                    found, value = self._lookup(key, args, kwargs)
                     if found:
                         return value  # type: ignore[return-value]
                 return self._compute(key, args, kwargs)
@@ -187,10 +239,12 @@ class Memoized(Generic[P, R]):
         # lands while it runs must fail the store below.
         ctx.record(cache.guard.snapshot([NAMESPACE_TAG]), "the namespace check")
         token = push_reads(ctx)
+        started = time.perf_counter()
         try:
             value = self._fn(*args, **kwargs)
         finally:
             pop_reads(token)
+        took = time.perf_counter() - started
         if pending_write_tags():
             ctx.forbid("the transaction has uncommitted writes")
         if not ctx.storable or ctx.snapshot is None:
@@ -216,7 +270,11 @@ class Memoized(Generic[P, R]):
         ttl = self.ttl
         if value is None and self.negative_ttl is not None:
             ttl = self.negative_ttl
-        cache.guard.store(key, payload, ttl, ctx.snapshot)
+        fresh_until = math.inf if ttl is None else time.time() + ttl
+        if ttl is not None and self.stale_ttl is not None:
+            ttl += self.stale_ttl
+        header = _META.pack(_META_TAG, fresh_until, took)
+        cache.guard.store(key, header + payload, ttl, ctx.snapshot)
         return value
 
     def _deliver(self, value: object) -> object:

@@ -28,6 +28,8 @@ class StatsSnapshot:
     corrupt: int = 0
     uncacheable: int = 0
     bypasses: int = 0
+    stale_hits: int = 0
+    early_refreshes: int = 0
 
     @property
     def hit_ratio(self) -> float:
