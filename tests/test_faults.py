@@ -323,3 +323,48 @@ def test_old_codec_version_is_a_miss(cache: Cache) -> None:
     assert cache.backend.set(key, old, 60, snap)
     assert f() == 2
     assert cache.stats().corrupt == 1
+
+
+@pytest.mark.slow
+def test_killed_redis_under_several_serving_processes(
+    private_redis: PrivateRedis, tmp_path: Any
+) -> None:
+    """Three serving processes: Redis is killed and restarted under them. No call fails,
+    no answer is wrong, no call waits past the timeout, and they cache again afterwards."""
+    from sqlalchemy import create_engine
+
+    from tests import fault_workers
+    from tests.models import Base
+
+    db_url = f"sqlite:///{tmp_path}/mp.db"
+    engine = create_engine(db_url)
+    Base.metadata.create_all(engine)
+    keys = seed(sessionmaker(engine), n=4)
+    engine.dispose()
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=fault_workers.serve,
+            args=(db_url, private_redis.url, keys, TIMEOUT, stop, results),
+        )
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(2.5)
+    private_redis.kill()
+    time.sleep(1.0)
+    private_redis.start()
+    time.sleep(2.0)
+    stop.set()
+    outcomes = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    print(f"\n(calls, failures, wrong, slowest s, hits, errors) per process: {outcomes}")
+    assert all(o[1] == 0 for o in outcomes), outcomes
+    assert all(o[2] == 0 for o in outcomes), outcomes
+    assert all(o[3] < TIMEOUT + 0.5 for o in outcomes), outcomes
+    assert all(o[5] > 0 for o in outcomes), "the kill was not noticed"
+    assert all(o[4] > 0 for o in outcomes)
