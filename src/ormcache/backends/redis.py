@@ -281,7 +281,8 @@ class RedisBackend:
         known = self._known.get(key)
         if known is not None:
             names = [entry_key, *(self._g + t for t in known)]
-            values = self._run("get", lambda: self.client.mget(names))
+            # execute_command skips redis-py's argument shuffling in mget(): a hit is hot.
+            values = self._run("get", lambda: self.client.execute_command("MGET", *names))  # type: ignore[no-untyped-call]
             parsed = _parse_entry(values[0])
             if parsed is None:
                 return None
