@@ -30,7 +30,8 @@ TIMEOUT = 0.2
 class PrivateRedis:
     """A redis-server of the test's own, on a free port; never the shared one."""
 
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, *extra: str) -> None:
+        self.extra = extra
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -55,6 +56,7 @@ class PrivateRedis:
                 "no",
                 "--dir",
                 self.tmp,
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -368,3 +370,43 @@ def test_killed_redis_under_several_serving_processes(
     assert all(o[3] < TIMEOUT + 0.5 for o in outcomes), outcomes
     assert all(o[5] > 0 for o in outcomes), "the kill was not noticed"
     assert all(o[4] > 0 for o in outcomes)
+
+
+def test_eviction_under_maxmemory_never_serves_stale_data(
+    tmp_path: Any, sqlite_engine: Any
+) -> None:
+    """Redis evicting keys (entries and generations alike) under maxmemory: every read
+    still equals the database after every commit."""
+    server = PrivateRedis(str(tmp_path), "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+    server.start()
+    try:
+        Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+        keys = seed(Session, n=20)
+        cache = Cache(server.url, namespace="evict", socket_timeout=1.0)
+        cache.attach(Session)
+
+        @cache.memoize(ttl=600)
+        def padded(api_key: str, pad: int) -> str | None:
+            with Session() as s:
+                user = s.scalars(
+                    select(User).where(User.api_key_hash == key_hash(api_key))
+                ).one_or_none()
+                return None if user is None else user.name + "|" + "x" * 2000
+
+        for round_ in range(6):
+            for pad in range(400):  # ~1.8 MB of entries per round: forces evictions
+                for i in (0, 1):
+                    got = padded(keys[i], pad)
+                    assert got is not None
+                    assert got.split("|")[0] == (
+                        f"user{i}" if round_ == 0 else f"r{round_ - 1}-{i}"
+                    )
+            with Session() as s:
+                for i in (0, 1):
+                    s.get(User, i + 1).name = f"r{round_}-{i}"  # type: ignore[union-attr]
+                s.commit()
+        info = redis.Redis(port=server.port).info("stats")
+        assert info["evicted_keys"] > 0, (info, cache.stats())
+        cache.close()
+    finally:
+        server.kill()
