@@ -12,6 +12,20 @@ from ormcache import Cache
 from tests.models import User, key_hash
 
 
+def lookup_fn(cache: Cache, Session: Any) -> Any:
+    """The memoized lookup every fault test serves through."""
+
+    @cache.memoize(ttl=60)
+    def name_of(api_key: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(
+                select(User).where(User.api_key_hash == key_hash(api_key))
+            ).one_or_none()
+            return None if user is None else user.name
+
+    return name_of
+
+
 def serve(
     db_url: str, redis_url: str, keys: list[str], timeout: float, stop: Any, results: Any
 ) -> None:
@@ -26,13 +40,7 @@ def serve(
     )
     cache.attach(Session)
 
-    @cache.memoize(ttl=60)
-    def name_of(api_key: str) -> str | None:
-        with Session() as s:
-            user = s.scalars(
-                select(User).where(User.api_key_hash == key_hash(api_key))
-            ).one_or_none()
-            return None if user is None else user.name
+    name_of = lookup_fn(cache, Session)
 
     calls = failures = wrong = 0
     slowest = 0.0

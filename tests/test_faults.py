@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache
 from tests import stampede_workers
+from tests.fault_workers import lookup_fn
 from tests.models import User, key_hash, seed
 
 TIMEOUT = 0.2
@@ -86,18 +87,6 @@ def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
     server.kill()
 
 
-def _lookup_fn(cache: Cache, Session: Any) -> Any:
-    @cache.memoize(ttl=60)
-    def name_of(api_key: str) -> str | None:
-        with Session() as s:
-            user = s.scalars(
-                select(User).where(User.api_key_hash == key_hash(api_key))
-            ).one_or_none()
-            return None if user is None else user.name
-
-    return name_of
-
-
 def test_killed_and_restarted_redis_costs_no_failed_call(
     private_redis: PrivateRedis, sqlite_engine: Any
 ) -> None:
@@ -113,7 +102,7 @@ def test_killed_and_restarted_redis_costs_no_failed_call(
         breaker_cooldown=0.3,
     )
     cache.attach(Session)
-    name_of = _lookup_fn(cache, Session)
+    name_of = lookup_fn(cache, Session)
     failures: list[BaseException] = []
     wrong: list[object] = []
     slowest = [0.0]
@@ -176,7 +165,7 @@ def test_hanging_redis_adds_at_most_one_timeout_per_call(
         breaker_cooldown=5,
     )
     cache.attach(Session)
-    name_of = _lookup_fn(cache, Session)
+    name_of = lookup_fn(cache, Session)
     assert name_of(keys[0]) == "user0"
     assert private_redis.proc is not None
     os.kill(private_redis.proc.pid, signal.SIGSTOP)
@@ -203,7 +192,7 @@ def test_flush_and_restart_never_make_old_entries_valid(
     keys = seed(Session, n=2)
     cache = Cache(private_redis.url, namespace="flush", socket_timeout=TIMEOUT)
     cache.attach(Session)
-    name_of = _lookup_fn(cache, Session)
+    name_of = lookup_fn(cache, Session)
     assert name_of(keys[0]) == name_of(keys[0]) == "user0"
     hits = cache.stats().hits
     client = redis.Redis(port=private_redis.port)
