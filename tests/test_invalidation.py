@@ -239,3 +239,31 @@ def test_closing_a_session_with_unflushed_writes_does_not_disable_the_cache(env:
     hits = cache.stats().hits
     assert fn("key-0-secret") == "user0/user0@example.com/True"
     assert cache.stats().hits == hits + 1
+
+
+def test_savepoints(env: Any) -> None:
+    """Inside a savepoint cached reads see its writes; rolling the savepoint back restores
+    the old data for the rest of the transaction; only the outer commit publishes, and
+    what it publishes (the savepoint that was released) invalidates other readers."""
+    cache, Session, engine = env
+    fn = lookups(cache, Session)["fromcache"]
+    stmt = select(User).where(User.api_key_hash == key_hash("key-0-secret")).options(FromCache())
+    assert warm(fn, "key-0-secret") == "user0/user0@example.com/True"
+    with Session() as s:
+        with s.begin_nested():
+            s.get(User, 1).name = "in-savepoint"  # type: ignore[union-attr]
+            s.flush()
+            assert s.scalars(stmt).one().name == "in-savepoint"
+            s.rollback()  # the savepoint only
+        s.expire_all()
+        assert s.scalars(stmt).one().name == "user0"
+        # Another session still reads (and may cache) the committed data meanwhile.
+        assert fn("key-0-secret") == "user0/user0@example.com/True"
+        with s.begin_nested():
+            s.get(User, 1).name = "released"  # type: ignore[union-attr]
+        if engine.dialect.name != "sqlite":
+            # pysqlite's RELEASE of the outermost savepoint commits (see the README).
+            assert fn("key-0-secret") == "user0/user0@example.com/True"  # not committed yet
+        s.commit()
+    assert fn("key-0-secret") == "released/user0@example.com/True"
+    assert fn("key-0-secret") == "released/user0@example.com/True"
