@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import logging
 import os
@@ -64,11 +65,14 @@ def _string(body: dict[str, Any], name: str, *, max_len: int) -> str:
 
 
 def _user_json(user: User) -> dict[str, Any]:
+    created = user.created_at
+    if created.tzinfo is None:  # SQLite and MariaDB return the stored UTC time naive
+        created = created.replace(tzinfo=dt.timezone.utc)
     return {
         "id": user.id,
         "name": user.name,
         "email": user.email,
-        "created_at": user.created_at.isoformat(),
+        "created_at": created.isoformat(),
     }
 
 
