@@ -267,3 +267,45 @@ def test_savepoints(env: Any) -> None:
         s.commit()
     assert fn("key-0-secret") == "released/user0@example.com/True"
     assert fn("key-0-secret") == "released/user0@example.com/True"
+
+
+def test_a_secret_keys_every_hash_and_invalidation_still_works(
+    cache_url: str, namespace: str, db_engine: Any
+) -> None:
+    """With ``secret``, hashes in key names and partition tags are keyed (a Redis reader
+    cannot confirm a guessed value), and readers and writers still agree on them."""
+    from ormcache.tags import partition_tag
+
+    cache = Cache(cache_url, namespace=namespace, strict=True, secret="s3cret")
+    Session = sessionmaker(db_engine, expire_on_commit=False)
+    cache.attach(Session)
+    seed(Session)
+    fn = lookups(cache, Session)["memoize"]
+    plain = Cache(namespace=namespace + "p")
+
+    @plain.memoize
+    def memoized(api_key: str) -> None:
+        return None
+
+    assert (
+        fn.cache_key("key-0-secret").rsplit(":", 1)[1]
+        != memoized.cache_key("key-0-secret").rsplit(":", 1)[1]
+    )
+    table = User.__table__
+    column = table.c.api_key_hash
+    assert partition_tag(table, column, "x") != partition_tag(
+        table, column, "x", cache.codec.hash_salt
+    )
+    assert warm(fn, "key-0-secret") == "user0/user0@example.com/True"
+    with Session() as s:
+        s.get(User, 1).email = "changed@example.com"  # type: ignore[union-attr]
+        s.commit()
+    assert fn("key-0-secret") == "user0/changed@example.com/True"
+    ffc = lookups(cache, Session)["fromcache"]
+    assert warm(ffc, "key-0-secret") == "user0/changed@example.com/True"
+    with Session() as s:
+        s.get(User, 1).active = False  # type: ignore[union-attr]
+        s.commit()
+    assert ffc("key-0-secret") == "user0/changed@example.com/False"
+    cache.clear()
+    cache.close()

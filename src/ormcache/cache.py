@@ -257,7 +257,7 @@ class Cache:
 
         bump: set[str] = set()
         for target in targets:
-            bump.update(tags.tags_for_target(target))
+            bump.update(tags.tags_for_target(target, self.codec.hash_salt))
         self.guard.bump(sorted(bump))
 
     def clear(self) -> None:

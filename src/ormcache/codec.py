@@ -447,6 +447,11 @@ class Codec:
 
     def __init__(self, *, secret: bytes | None = None) -> None:
         self._secret = secret
+        #: Keys the hashes of values in key names and tags when a secret is configured,
+        #: so a Redis reader cannot confirm guessed values by hashing them.
+        self.hash_salt: bytes | None = (
+            None if secret is None else hashlib.blake2b(b"ormcache-keys" + secret).digest()[:32]
+        )
         self._lock = threading.Lock()
         self._mappers: dict[Mapper[Any], _MapperInfo] = {}
         self._mappers_by_key: dict[str, _MapperInfo] = {}

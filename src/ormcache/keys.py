@@ -26,8 +26,8 @@ _SESSION_TYPES: tuple[type, ...] = (Session, scoped_session, Connection)
 _SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
 
 
-def hash_bytes(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def hash_bytes(data: bytes, salt: bytes | None = None) -> str:
+    return hashlib.blake2b(data, digest_size=16, key=salt or b"").hexdigest()
 
 
 def function_prefix(fn: Callable[..., Any], version: str | int | None = None) -> str:
@@ -122,4 +122,4 @@ class ArgumentKeyer:
                 "memoize(ignore=...)",
                 path=exc.path,
             ) from exc
-        return f"{self._prefix}:{hash_bytes(canonical)}"
+        return f"{self._prefix}:{hash_bytes(canonical, self._codec.hash_salt)}"

@@ -146,7 +146,9 @@ def _read_structure(
     return tables, partition
 
 
-def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[str] | None:
+def statement_read_tags(
+    stmt: Any, params: dict[str, Any] | None = None, salt: bytes | None = None
+) -> set[str] | None:
     """The tags a SELECT depends on, or None when its reads cannot be bounded.
 
     The primary table of a select with ``column = value`` on a primary key, unique or
@@ -167,7 +169,11 @@ def statement_read_tags(stmt: Any, params: dict[str, Any] | None = None) -> set[
     out: set[str] = set()
     for table in tables:
         term = partition.get(table)
-        tag = None if term is None else partition_tag(table, term[0], _bind_value(term[1], params))
+        tag = (
+            None
+            if term is None
+            else partition_tag(table, term[0], _bind_value(term[1], params), salt)
+        )
         if tag is None:
             out.add(table_tag(table))
         else:
@@ -287,17 +293,17 @@ def _withdraw_pending(session: Session) -> None:
     set_pending_write_tags(id(session), frozenset())
 
 
-def _flush_tags(session: Session) -> set[str]:
+def _flush_tags(session: Session, salt: bytes | None) -> set[str]:
     out: set[str] = set()
     for obj in session.new:
-        out |= instance_tags(obj)
+        out |= instance_tags(obj, salt=salt)
     for obj in session.deleted:
-        out |= instance_tags(obj)
+        out |= instance_tags(obj, salt=salt)
     for obj in session.dirty:
         state: Any = inspect(obj)
         if not state.modified:
             continue
-        out |= instance_tags(obj)
+        out |= instance_tags(obj, salt=salt)
         old: dict[str, object] = {}
         for prop in state.mapper.column_attrs:
             # Passive history: never load an attribute from inside a flush.
@@ -305,7 +311,7 @@ def _flush_tags(session: Session) -> set[str]:
             if hist.deleted:
                 old[prop.key] = hist.deleted[0]
         if old:
-            out |= instance_tags(obj, values=old)
+            out |= instance_tags(obj, values=old, salt=salt)
         for rel in state.mapper.relationships:
             secondary = rel.secondary
             if isinstance(secondary, Table) and state.attrs[rel.key].history.has_changes():
@@ -328,7 +334,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
 
     @event.listens_for(target, "after_flush")
     def after_flush(session: Session, flush_context: Any) -> None:
-        written(session, _flush_tags(session))
+        written(session, _flush_tags(session, cache.codec.hash_salt))
         _tx(session).statements += 1
 
     @event.listens_for(target, "after_begin")
@@ -344,7 +350,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
             if option is not None and (option.cache is None or option.cache is cache):
                 return _execute_from_cache(cache, state, option)
             if active_reads(cache):
-                tags = statement_read_tags(stmt, _params(state))
+                tags = statement_read_tags(stmt, _params(state), cache.codec.hash_salt)
                 if not _snapshot_is_fresh(state):
                     for ctx in active_reads(cache):
                         ctx.forbid("a query read an older REPEATABLE READ snapshot")
@@ -428,7 +434,11 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
             tags = text_write_tags(clauseelement.text)
         else:
             if active_reads(cache) and isinstance(clauseelement, (Select, TextClause)):
-                _record_read(cache, statement_read_tags(clauseelement, params or None), "a query")
+                _record_read(
+                    cache,
+                    statement_read_tags(clauseelement, params or None, cache.codec.hash_salt),
+                    "a query",
+                )
             return
         tx = pending(conn)
         tx.written |= tags
@@ -600,12 +610,12 @@ class _Plan:
         self.partitions = partitions
         self.tables = tables
 
-    def tags(self, ck: Any, params: dict[str, Any]) -> set[str]:
+    def tags(self, ck: Any, params: dict[str, Any], salt: bytes | None) -> set[str]:
         out = set(self.static)
         for table, column, pos, key in self.partitions:
             bind = ck.bindparams[pos]
             value = params[key] if key in params else bind.effective_value  # noqa: SIM401 - lazy
-            tag = partition_tag(table, column, value)
+            tag = partition_tag(table, column, value, salt)
             out.add(tag if tag is not None else table_tag(table))
         return out
 
@@ -719,9 +729,10 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         or (pending and _tables_of(pending) & plan.tables)
     ):
         stats.incr("bypasses")
-        _record_read(cache, statement_read_tags(stmt, params), "a query")
+        _record_read(cache, statement_read_tags(stmt, params, cache.codec.hash_salt), "a query")
         return state.invoke_statement()
-    tags = plan.tags(ck, params)
+    salt = cache.codec.hash_salt
+    tags = plan.tags(ck, params, salt)
     try:
         flat = [b.effective_value for b in ck.bindparams]
         if params:
@@ -733,7 +744,7 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         stats.incr("bypasses")
         _record_read(cache, tags, "a query")
         return state.invoke_statement()
-    key = f"{plan.base}:{hash_bytes(values)}"
+    key = f"{plan.base}:{hash_bytes(values, salt)}"
     all_tags = sorted(tags)
 
     snap = None

@@ -53,11 +53,13 @@ def _normal(value: object) -> bytes | None:
     return None
 
 
-def partition_tag(table: TableClause, column: Any, value: object) -> str | None:
+def partition_tag(
+    table: TableClause, column: Any, value: object, salt: bytes | None = None
+) -> str | None:
     norm = _normal(value)
     if norm is None:
         return None
-    digest = hashlib.blake2b(norm, digest_size=8).hexdigest()
+    digest = hashlib.blake2b(norm, digest_size=8, key=salt or b"").hexdigest()
     return f"p:{table.fullname}:{column.name}:{digest}"
 
 
@@ -79,7 +81,9 @@ def partition_columns(table: TableClause) -> tuple[Column[Any], ...]:
     return tuple(cols.values())
 
 
-def instance_tags(obj: object, values: dict[str, object] | None = None) -> set[str]:
+def instance_tags(
+    obj: object, values: dict[str, object] | None = None, salt: bytes | None = None
+) -> set[str]:
     """Tags a write to this row must bump: its tables and its partitions.
 
     ``values`` overrides the attribute values (used for the old values of a changed row).
@@ -99,12 +103,12 @@ def instance_tags(obj: object, values: dict[str, object] | None = None) -> set[s
             else:
                 out.add(any_partition_tag(table))
                 continue
-            tag = partition_tag(table, col, value)
+            tag = partition_tag(table, col, value, salt)
             out.add(tag if tag is not None else any_partition_tag(table))
     return out
 
 
-def tags_for_target(target: object) -> set[str]:
+def tags_for_target(target: object, salt: bytes | None = None) -> set[str]:
     """What ``cache.invalidate(target)`` bumps."""
     if isinstance(target, _Table):
         return {table_tag(target), any_partition_tag(target)}
@@ -115,7 +119,7 @@ def tags_for_target(target: object) -> set[str]:
                 t for table in mapper.tables for t in (table_tag(table), any_partition_tag(table))
             }
     elif inspect(target, raiseerr=False) is not None and hasattr(inspect(target), "mapper"):
-        return instance_tags(target)
+        return instance_tags(target, salt=salt)
     raise ConfigurationError(
         f"cache.invalidate() takes mapped classes, mapped instances or Tables, got {target!r}"
     )
