@@ -399,3 +399,39 @@ def test_eviction_under_maxmemory_never_serves_stale_data(
         cache.close()
     finally:
         server.kill()
+
+
+def test_fromcache_recovers_after_an_outage(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Regression: a backend failure during a FromCache call marked the thread as "failed"
+    for good, so FromCache never used the cache again after an outage."""
+    from ormcache import FromCache
+
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session, n=1)
+    cache = Cache(
+        private_redis.url,
+        namespace="fc-recover",
+        socket_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        breaker_cooldown=0.2,
+    )
+    cache.attach(Session)
+
+    def lookup() -> str:
+        with Session() as s:
+            return s.scalars(select(User).where(User.id == 1).options(FromCache())).one().name
+
+    assert lookup() == lookup() == "user0"
+    private_redis.kill()
+    assert [lookup() for _ in range(5)] == ["user0"] * 5
+    private_redis.start()
+    time.sleep(0.3)
+    deadline = time.monotonic() + 3
+    hits = cache.stats().hits
+    while cache.stats().hits < hits + 3 and time.monotonic() < deadline:
+        assert lookup() == "user0"
+        time.sleep(0.05)
+    assert cache.stats().hits >= hits + 3
+    cache.close()

@@ -40,6 +40,8 @@ from .keys import hash_bytes
 from .protocol import (
     NAMESPACE_TAG,
     active_reads,
+    begin_call,
+    end_call,
     pending_write_tags,
     set_pending_write_tags,
 )
@@ -707,6 +709,14 @@ def _tables_of(tags: Iterable[str]) -> set[str]:
 
 
 def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Result[Any]:
+    token = begin_call()
+    try:
+        return _from_cache(cache, state, option)
+    finally:
+        end_call(token)
+
+
+def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Result[Any]:
     session = state.session
     stats = cache.stats_counters
     if session.autoflush and not session._is_clean():
