@@ -626,9 +626,14 @@ _plans: dict[Any, _Plan | None] = {}
 _PLAN_LIMIT = 2048
 
 
+_NO_PLAN = object()
+
+
 def _plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
-    if ck.key in _plans:
-        return _plans[ck.key]
+    # One lookup, not "in" then "[]": another thread may clear the dict in between.
+    found = _plans.get(ck.key, _NO_PLAN)
+    if found is not _NO_PLAN:
+        return found  # type: ignore[return-value]
     plan = _build_plan(state, stmt, ck)
     if len(_plans) >= _PLAN_LIMIT:
         _plans.clear()
