@@ -235,3 +235,81 @@ def test_generation_loss_never_resurrects_entries(
     client.close()
     cache.clear()
     cache.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fromcache", "memoize"])
+def test_no_stale_reads_across_threads_on_the_memory_backend(
+    postgres_url: str, namespace: str, mode: str
+) -> None:
+    """The embedded backend under threads: 4 readers and 1 writer in one process."""
+    import threading
+
+    from sqlalchemy import event
+
+    engine = create_engine(postgres_url, pool_size=8)
+    race_workers.Base.metadata.drop_all(engine)
+    race_workers.Base.metadata.create_all(engine)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    with Session() as s:
+        s.add(race_workers.Counter(id=1, version=0))
+        s.commit()
+    event.listen(engine, "commit", lambda conn: time.sleep(0.002))  # a slow COMMIT
+    cache = Cache(namespace=namespace, strict=True)
+    cache.attach(Session)
+    published = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    stale: list[tuple[int, int]] = []
+    reads = [0]
+
+    @cache.memoize(ttl=60)
+    def memoized() -> int:
+        with Session() as s:
+            return s.scalars(
+                select(race_workers.Counter.version).where(race_workers.Counter.id == 1)
+            ).one()
+
+    def from_cache() -> int:
+        with Session() as s:
+            stmt = select(race_workers.Counter).where(race_workers.Counter.id == 1)
+            return s.scalars(stmt.options(FromCache())).one().version
+
+    read = memoized if mode == "memoize" else from_cache
+
+    def writer() -> None:
+        while not stop.is_set():
+            with Session() as s:
+                row = s.get(race_workers.Counter, 1, with_for_update=True)
+                assert row is not None
+                row.version += 1
+                done = row.version
+                s.commit()
+            with lock:
+                published[0] = max(published[0], done)
+            time.sleep(0.001)
+
+    def reader() -> None:
+        while not stop.is_set():
+            floor = published[0]
+            got = read()
+            with lock:
+                reads[0] += 1
+            if got < floor:
+                stale.append((got, floor))
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"\nthreads/{mode}: {reads[0]} reads, {len(stale)} stale, {cache.stats()}")
+    race_workers.Base.metadata.drop_all(engine)
+    engine.dispose()
+    assert stale == []
+    assert cache.stats().hits > 0
+    assert published[0] > 20
