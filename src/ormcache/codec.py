@@ -248,7 +248,8 @@ class _Encoder:
         state = getattr(v, _SA_STATE, None)
         if state is not None and isinstance(state, InstanceState) and not isinstance(v, type):
             ref = self.instance(v, state, path)
-            return ref if self.canonical else msgpack.ExtType(INSTANCE, _pack(ref))
+            # A 4-byte index, not a nested msgpack int: decoding it needs no second unpack.
+            return ref if self.canonical else msgpack.ExtType(INSTANCE, ref.to_bytes(4, "big"))
         return self.enc_other(v, t, path)
 
     def enc_dict(self, v: dict[Any, Any], path: str) -> Any:
@@ -359,11 +360,10 @@ class _Decoder:
 
     def ext(self, code: int, data: bytes) -> Any:
         if code == INSTANCE:
-            idx = self.unpack(data)
-            if type(idx) is not int or idx < 0:
+            if len(data) != 4:
                 raise ValueError("instance reference")
             self.refs += 1
-            return _Ref(idx)
+            return _Ref(int.from_bytes(data, "big"))
         if code == DATETIME_ISO:
             value = dt.datetime.fromisoformat(data.decode("ascii"))
             tz = value.tzinfo
