@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--keys", type=int, default=50)
     parser.add_argument(
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "KEYSERVICE_CACHE": mode,
         }
         print(f"starting {args.workers} workers, cache {mode} ...", file=sys.stderr, flush=True)
-        with running_service(env, workers=args.workers) as base:
+        with running_service(env, workers=args.workers, threads=args.threads) as base:
             keys = []
             for i in range(args.keys):
                 tag = uuid.uuid4().hex[:10]
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         results[mode] = rps
         rows.append(f"| cache {mode} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {errors} |")
     text = (
-        f"`GET /me`, {args.workers} gunicorn workers x 4 threads, PostgreSQL + Redis, "
+        f"`GET /me`, {args.workers} gunicorn workers x {args.threads} threads, PostgreSQL + Redis, "
         f"{args.clients} keep-alive connections from {client}, {args.seconds:.0f} s per run\n\n"
         "| run | requests/s | p50 ms | p99 ms | non-200 |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(rows)
