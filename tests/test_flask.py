@@ -150,3 +150,24 @@ def test_service_keeps_answering_when_its_lookup_cannot_be_cached(
     assert cache.stats().stores == 0
     assert len([r for r in caplog.records if "cannot be cached" in r.getMessage()]) == 1
     assert key not in caplog.text
+
+
+def test_custom_types_survive_init_app() -> None:
+    """Regression: init_app rebuilt the codec and forgot types registered before it."""
+
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+    cache = Cache()
+    cache.codec.register_type(Money, name="money", encode=lambda m: m.cents, decode=Money)
+    app = Flask(__name__)
+    app.config["ORMCACHE_NAMESPACE"] = f"ct-{uuid.uuid4().hex[:6]}"
+    cache.init_app(app)
+
+    @cache.memoize
+    def price() -> Money:
+        return Money(250)
+
+    assert price().cents == price().cents == 250
+    assert cache.stats().hits == 1

@@ -137,7 +137,10 @@ class Cache:
             )
         secret = cfg["secret"]
         key = secret.encode() if isinstance(secret, str) else secret
+        old_codec = getattr(self, "codec", None)
         self.codec = Codec(secret=key or None)
+        if old_codec is not None:
+            self.codec.adopt_registrations(old_codec)
         backend: Backend | None = cfg["backend"]
         if backend is None:
             options: dict[str, Any]

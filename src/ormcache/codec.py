@@ -463,6 +463,15 @@ class Codec:
         self._custom_by_name: dict[str, Callable[[Any], Any]] = {}
 
     # -- registries -------------------------------------------------------------------
+    def adopt_registrations(self, other: Codec) -> None:
+        """Take over another codec's custom types and enums (a reconfigured cache must not
+        forget what the application registered)."""
+        with self._lock:
+            self._custom_by_type.update(other._custom_by_type)
+            self._custom_by_name.update(other._custom_by_name)
+            self._enum_names.update(other._enum_names)
+            self._enums_by_name.update(other._enums_by_name)
+
     def register_type(
         self,
         cls: type[T],
