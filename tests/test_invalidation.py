@@ -309,3 +309,37 @@ def test_a_secret_keys_every_hash_and_invalidation_still_works(
     assert ffc("key-0-secret") == "user0/changed@example.com/False"
     cache.clear()
     cache.close()
+
+
+@pytest.mark.parametrize("how", ["memoize", "fromcache"])
+def test_case_insensitive_collations_do_not_hide_writes(env: Any, how: str) -> None:
+    """Regression: MariaDB's default collation matches 'USER0@…' to the row 'user0@…'.
+    A partition tag hashed from the query's spelling never heard the row's writes, so
+    the cached lookup stayed stale."""
+    cache, Session, engine = env
+
+    @cache.memoize(ttl=60)
+    def by_email_memo(email: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(select(User).where(User.email == email)).one_or_none()
+            return None if user is None else user.name
+
+    def by_email_fc(email: str) -> str | None:
+        with Session() as s:
+            user = s.scalars(
+                select(User).where(User.email == email).options(FromCache())
+            ).one_or_none()
+            return None if user is None else user.name
+
+    fn = by_email_memo if how == "memoize" else by_email_fc
+    spelled = "USER0@example.com"
+    first = warm(fn, spelled)
+    with Session() as s:
+        s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    if engine.dialect.name in ("mysql", "mariadb"):
+        assert first == "user0"
+        assert fn(spelled) == "renamed"
+    else:
+        assert first is None
+        assert fn(spelled) is None

@@ -29,7 +29,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql import Delete, Insert, Select, Update, sqltypes
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
 from sqlalchemy.sql.operators import and_, eq
 from sqlalchemy.sql.schema import Column
@@ -121,8 +121,32 @@ def _option_tables(stmt: Any) -> set[Table] | None:
     return tables
 
 
+_CASELESS_SQLITE = ("nocase", "rtrim")
+
+
+def exact_equality(column: Column[Any], dialect: str | None) -> bool:
+    """Whether ``column = value`` in this database means Python equality of the value.
+
+    A partition tag is hashed from the value as spelled in the query, while writers hash
+    the row's stored value. Where the database also matches other spellings (MySQL and
+    MariaDB collations are case- and accent-insensitive unless binary; SQLite's NOCASE),
+    the query is tagged by its whole table instead, which every write bumps.
+    """
+    collation = getattr(column.type, "collation", None)
+    if not isinstance(column.type, sqltypes.String) or isinstance(
+        column.type, (sqltypes.Enum, sqltypes.Uuid)
+    ):
+        return True
+    if dialect in ("mysql", "mariadb"):
+        name = str(collation or "").lower()
+        return name.endswith("_bin") or name == "binary"
+    if dialect == "sqlite":
+        return not collation or collation.lower() not in _CASELESS_SQLITE
+    return True
+
+
 def _read_structure(
-    stmt: Any,
+    stmt: Any, dialect: str | None = None
 ) -> tuple[set[Table], dict[Table, tuple[Column[Any], BindParameter[Any]]]] | None:
     """Tables a SELECT reads, and for each, an equality term that bounds it (if any).
 
@@ -143,13 +167,16 @@ def _read_structure(
         table = column.table
         if not isinstance(table, Table) or table in partition:
             continue
-        if column.name in partition_column_names(table):
+        if column.name in partition_column_names(table) and exact_equality(column, dialect):
             partition[table] = (column, bind)
     return tables, partition
 
 
 def statement_read_tags(
-    stmt: Any, params: dict[str, Any] | None = None, salt: bytes | None = None
+    stmt: Any,
+    params: dict[str, Any] | None = None,
+    salt: bytes | None = None,
+    dialect: str | None = None,
 ) -> set[str] | None:
     """The tags a SELECT depends on, or None when its reads cannot be bounded.
 
@@ -164,7 +191,7 @@ def statement_read_tags(
         return {f"t:{_unquote(n)}" for n in names}
     if not isinstance(stmt, Select):
         return None
-    structure = _read_structure(stmt)
+    structure = _read_structure(stmt, dialect)
     if structure is None:
         return None
     tables, partition = structure
@@ -352,7 +379,9 @@ def _attach_session(cache: Cache, target: Any) -> None:
             if option is not None and (option.cache is None or option.cache is cache):
                 return _execute_from_cache(cache, state, option)
             if active_reads(cache):
-                tags = statement_read_tags(stmt, _params(state), cache.codec.hash_salt)
+                tags = statement_read_tags(
+                    stmt, _params(state), cache.codec.hash_salt, _dialect_name(state)
+                )
                 if not _snapshot_is_fresh(state):
                     for ctx in active_reads(cache):
                         ctx.forbid("a query read an older REPEATABLE READ snapshot")
@@ -438,7 +467,9 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
             if active_reads(cache) and isinstance(clauseelement, (Select, TextClause)):
                 _record_read(
                     cache,
-                    statement_read_tags(clauseelement, params or None, cache.codec.hash_salt),
+                    statement_read_tags(
+                        clauseelement, params or None, cache.codec.hash_salt, conn.dialect.name
+                    ),
                     "a query",
                 )
             return
@@ -630,23 +661,25 @@ _NO_PLAN = object()
 
 
 def _plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
+    # The same statement shape compiles, and compares strings, differently per database.
+    plan_key = (_dialect_name(state), ck.key)
     # One lookup, not "in" then "[]": another thread may clear the dict in between.
-    found = _plans.get(ck.key, _NO_PLAN)
+    found = _plans.get(plan_key, _NO_PLAN)
     if found is not _NO_PLAN:
         return found  # type: ignore[return-value]
     plan = _build_plan(state, stmt, ck)
     if len(_plans) >= _PLAN_LIMIT:
         _plans.clear()
-    _plans[ck.key] = plan
+    _plans[plan_key] = plan
     return plan
 
 
 def _build_plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
-    structure = _read_structure(stmt)
+    bind = state.session.get_bind(**state.bind_arguments)
+    structure = _read_structure(stmt, bind.dialect.name)
     if structure is None:
         return None
     tables, partition = structure
-    bind = state.session.get_bind(**state.bind_arguments)
     parts = [bind.dialect.name, str(stmt.compile(dialect=bind.dialect))]
     for opt in stmt._with_options:
         if isinstance(opt, FromCache):
@@ -704,6 +737,11 @@ def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
     return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
 
 
+def _dialect_name(state: ORMExecuteState) -> str:
+    bind: Any = state.session.get_bind(**state.bind_arguments)
+    return str(bind.dialect.name)
+
+
 def _params(state: ORMExecuteState) -> dict[str, Any]:
     params = state.parameters
     return dict(params) if isinstance(params, dict) else {}
@@ -744,7 +782,11 @@ def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Resu
         or (pending and _tables_of(pending) & plan.tables)
     ):
         stats.incr("bypasses")
-        _record_read(cache, statement_read_tags(stmt, params, cache.codec.hash_salt), "a query")
+        _record_read(
+            cache,
+            statement_read_tags(stmt, params, cache.codec.hash_salt, _dialect_name(state)),
+            "a query",
+        )
         return state.invoke_statement()
     salt = cache.codec.hash_salt
     tags = plan.tags(ck, params, salt)
