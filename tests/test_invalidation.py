@@ -343,3 +343,13 @@ def test_case_insensitive_collations_do_not_hide_writes(env: Any, how: str) -> N
     else:
         assert first is None
         assert fn(spelled) is None
+
+
+def test_trailing_spaces_share_a_partition() -> None:
+    """PAD SPACE collations match 'k' and 'k  ': their partition tags must be the same."""
+    from ormcache.tags import partition_tag
+
+    table = User.__table__
+    col = table.c.api_key_hash
+    assert partition_tag(table, col, "k") == partition_tag(table, col, "k  ")
+    assert partition_tag(table, col, "k") != partition_tag(table, col, " k")

@@ -47,7 +47,9 @@ def _normal(value: object) -> bytes | None:
     if type(value) is int:
         return b"i" + str(value).encode()
     if type(value) is str:
-        return b"s" + value.encode("utf-8", "surrogatepass")
+        # PAD SPACE collations (MySQL/MariaDB, even binary ones) compare 'a' = 'a  ':
+        # both spellings must share a tag. Elsewhere this only merges a few partitions.
+        return b"s" + value.rstrip(" ").encode("utf-8", "surrogatepass")
     if type(value) is uuid.UUID:
         return b"u" + value.bytes
     return None
