@@ -305,12 +305,29 @@ class _Tx:
         self.token: str | None = None
         self.lease_tags: set[str] = set()
 
+    def lease(self, cache: Cache) -> None:
+        """Before COMMIT: lease (which bumps) everything written so far, once."""
+        if self.written and self.token is None:
+            self.token = uuid.uuid4().hex
+            self.lease_tags = set(self.written)
+            cache.guard.acquire_lease(sorted(self.lease_tags), self.token, cache.lease_ttl)
+
+    def release(self, cache: Cache) -> None:
+        """After COMMIT (or rollback): bump again and drop the lease, if one was taken."""
+        if self.token is not None:
+            cache.guard.release_lease(sorted(self.lease_tags), self.token)
+
+
+def _tx_in(info: dict[Any, Any]) -> _Tx:
+    """The transaction record kept in a Session's or a Connection's ``info``."""
+    tx = info.get(_INFO_KEY)
+    if tx is None:
+        tx = info[_INFO_KEY] = _Tx()
+    return tx
+
 
 def _tx(session: Session) -> _Tx:
-    tx = session.info.get(_INFO_KEY)
-    if tx is None:
-        tx = session.info[_INFO_KEY] = _Tx()
-    return tx
+    return _tx_in(session.info)
 
 
 def _publish_pending(session: Session, tags: set[str]) -> None:
@@ -404,11 +421,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
             return
         # Flush now so every tag of this transaction is known before the lease.
         session.flush()
-        tx = _tx(session)
-        if tx.written and tx.token is None:
-            tx.token = uuid.uuid4().hex
-            tx.lease_tags = set(tx.written)
-            cache.guard.acquire_lease(sorted(tx.lease_tags), tx.token, cache.lease_ttl)
+        _tx(session).lease(cache)
 
     @event.listens_for(target, "after_commit")
     def after_commit(session: Session) -> None:
@@ -432,8 +445,7 @@ def _attach_session(cache: Cache, target: Any) -> None:
         if tx is None:
             return
         _withdraw_pending(session)
-        if tx.token is not None:
-            cache.guard.release_lease(sorted(tx.lease_tags), tx.token)
+        tx.release(cache)
 
 
 def _attach_engine(cache: Cache, engine: Engine) -> None:
@@ -444,16 +456,10 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
     pool; until then the leased tags are read through, never served stale.
     """
 
-    def pending(conn: Connection) -> _Tx:
-        tx = conn.info.get(_INFO_KEY)
-        if tx is None:
-            tx = conn.info[_INFO_KEY] = _Tx()
-        return tx
-
     def release(info: dict[Any, Any]) -> None:
         tx = info.pop(_INFO_KEY, None)
-        if tx is not None and tx.token is not None:
-            cache.guard.release_lease(sorted(tx.lease_tags), tx.token)
+        if tx is not None:
+            tx.release(cache)
 
     @event.listens_for(engine, "before_execute")
     def before_execute(
@@ -473,16 +479,13 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
                     "a query",
                 )
             return
-        tx = pending(conn)
-        tx.written |= tags
+        _tx_in(conn.info).written |= tags
 
     @event.listens_for(engine, "commit")
     def commit(conn: Connection) -> None:
         tx = conn.info.get(_INFO_KEY)
-        if tx is not None and tx.written and tx.token is None:
-            tx.token = uuid.uuid4().hex
-            tx.lease_tags = set(tx.written)
-            cache.guard.acquire_lease(sorted(tx.lease_tags), tx.token, cache.lease_ttl)
+        if tx is not None:
+            tx.lease(cache)
 
     @event.listens_for(engine, "rollback")
     def rollback(conn: Connection) -> None:
@@ -660,9 +663,9 @@ _PLAN_LIMIT = 2048
 _NO_PLAN = object()
 
 
-def _plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
+def _plan(state: ORMExecuteState, stmt: Any, ck: Any, dialect: str) -> _Plan | None:
     # The same statement shape compiles, and compares strings, differently per database.
-    plan_key = (_dialect_name(state), ck.key)
+    plan_key = (dialect, ck.key)
     # One lookup, not "in" then "[]": another thread may clear the dict in between.
     found = _plans.get(plan_key, _NO_PLAN)
     if found is not _NO_PLAN:
@@ -773,8 +776,9 @@ def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Resu
     tx = _tx(session)
     tx.statements += 1
     populate = state.load_options._populate_existing if state.is_orm_statement else False
+    dialect = _dialect_name(state)
     ck = stmt._generate_cache_key()
-    plan = None if ck is None else _plan(state, stmt, ck)
+    plan = None if ck is None else _plan(state, stmt, ck, dialect)
     if (
         plan is None
         or populate
@@ -784,7 +788,7 @@ def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Resu
         stats.incr("bypasses")
         _record_read(
             cache,
-            statement_read_tags(stmt, params, cache.codec.hash_salt, _dialect_name(state)),
+            statement_read_tags(stmt, params, cache.codec.hash_salt, dialect),
             "a query",
         )
         return state.invoke_statement()
