@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -83,6 +85,84 @@ class TestRedisBackend(BackendContract):
         for garbage in [b"", b"OCE1", b"OCE1\xff\xff", b"OCE1\x00\x05ab\nc", b"\x80\x04pickle"]:
             backend.client.set(f"{backend.namespace}:e:g", garbage)
             assert backend.get("g") is None
+
+    def test_read_after_script_flush(self, backend: RedisBackend) -> None:
+        """A server that forgot the read script (SCRIPT FLUSH, restart) still serves the
+        hit: the read connection's EVALSHA falls back to loading the script."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        assert backend.set("k", b"v", 60, snap)
+        backend._known.clear()  # force the script path
+        backend.client.script_flush()
+        assert backend.get("k") == b"v"
+
+    def test_reads_use_one_connection_per_thread(self, backend: RedisBackend) -> None:
+        """Hits run on a per-thread connection: threads never share a socket."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        assert backend.set("k", b"v", 60, snap)
+        seen: list[int] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                for _ in range(200):
+                    assert backend.get("k") == b"v"
+                conn = backend._lane.conn
+                assert conn is not None
+                seen.append(id(conn))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(set(seen)) == 4
+
+    def test_forked_child_reads_on_its_own_connection(self, backend: RedisBackend) -> None:
+        """After fork the child must not talk on the parent's socket (their replies
+        would interleave); it opens its own and the parent's keeps working."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        assert backend.set("k", b"v", 60, snap)
+        assert backend.get("k") == b"v"
+        parent_conn = backend._lane.conn
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            ok = all(backend.get("k") == b"v" for _ in range(50))
+            ok = ok and backend._lane.conn is not parent_conn
+            os._exit(0 if ok else 1)
+        for _ in range(50):
+            assert backend.get("k") == b"v"
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert backend._lane.conn is parent_conn
+
+
+def test_managed_pools_keep_reads_on_the_pool(redis_url: str, namespace: str) -> None:
+    """Over a pool that manages its own connections (Sentinel's, or an application's
+    subclass), hits go through that pool instead of a connection of our own."""
+    import redis
+
+    class ManagedPool(redis.ConnectionPool):
+        pass
+
+    client = redis.Redis(connection_pool=ManagedPool.from_url(redis_url))
+    backend = RedisBackend(client, namespace)
+    try:
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        assert backend.set("k", b"v", 60, snap)
+        backend._known.clear()
+        assert backend.get("k") == b"v"  # the Lua path
+        assert backend.get("k") == b"v"  # the MGET path
+        assert backend._lane.conn is None
+    finally:
+        backend.clear()
+        backend.close()
 
 
 def _free_port() -> int:
