@@ -13,6 +13,7 @@ import uuid
 import zoneinfo
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -435,6 +436,155 @@ def test_decoded_instances_merge_into_a_session(session: Session) -> None:
     assert merged in session
 
 
+def test_repeated_decodes_share_nothing_mutable(session: Session) -> None:
+    """Decoding the same bytes again is served from a parsed copy kept by the codec; a
+    caller that mutates what it got (a JSON dict, a list inside it, a relationship
+    list) must not change what the next decode of those bytes returns."""
+    codec = Codec()
+    account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
+    payload = codec.encode([account, {"plain": [1, 2]}])
+    first = codec.decode(payload)
+    first[0].data["k"].append("mutated")
+    first[0].data["new"] = 1
+    first[0].lines.pop()
+    first[1]["plain"].append(3)
+    for _ in range(2):
+        again = codec.decode(payload)
+        assert again[0].data == {"k": [1, 2, {"x": None}]}
+        assert [line.text for line in again[0].lines] == ["one", "two"]
+        assert again[1] == {"plain": [1, 2]}
+        assert again[0] is not first[0]
+        again[0].data["k"].clear()
+
+
+def test_concurrent_decodes_of_one_payload_stay_independent(session: Session) -> None:
+    """Threads decoding the same bytes share the codec's parsed copy: each must get its
+    own objects, equal to the original, while others mutate theirs and the parsed copy
+    is dropped and rebuilt underneath them."""
+    import threading
+
+    codec = Codec()
+    account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
+    payload = codec.encode(account)
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(300):
+                got = codec.decode(payload)
+                assert got.data == {"k": [1, 2, {"x": None}]}, got.data
+                assert [line.text for line in got.lines] == ["one", "two"]
+                got.data["k"].append(n)
+                got.data["k"][2]["x"] = n
+                got.lines.pop()
+                if n == 0 and i % 10 == 0:
+                    codec._parsed.clear()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_decode_into_reuses_held_identities_and_fills_only_gaps(session: Session) -> None:
+    """With ``into``, an identity the session already holds is used as it is, keeping its
+    loaded and pending values, as a database load would; others are built and
+    registered."""
+    codec = Codec()
+    account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
+    payload = codec.encode(account)
+    session.expunge_all()
+    held = session.get(Account, 1)
+    assert held is not None
+    held.name = "pending"
+    session.expire(held, ["balance"])
+    registered: list[object] = []
+
+    class Into:
+        def existing(self, key: tuple[Any, ...]) -> object | None:
+            return session.identity_map.get(key)
+
+        def register(self, state: Any, key: tuple[Any, ...], obj: object) -> None:
+            registered.append(obj)
+
+    back = codec.decode(payload, into=Into())
+    assert back is held
+    assert held.name == "pending"  # pending change kept
+    assert held.balance == decimal.Decimal("12.3400")  # expired attribute filled
+    assert [line.text for line in held.lines] == ["one", "two"]
+    assert sorted(type(o).__name__ for o in registered) == ["Line", "Line"]
+
+
+def test_one_identity_twice_is_a_miss(session: Session) -> None:
+    """A hostile payload naming one identity twice must not register two objects."""
+    codec = Codec()
+    account = session.scalars(select(Account)).one()
+    payload = codec.encode(account)
+    body = msgpack.unpackb(payload[4:], raw=False, strict_map_key=False, ext_hook=msgpack.ExtType)
+    mappers, instances, _ = body
+    forged = MAGIC_HEADER + msgpack.packb(
+        [mappers, [instances[0], instances[0]], [msgpack.ExtType(13, (0).to_bytes(4, "big"))]],
+        use_bin_type=True,
+    )
+
+    registered: list[object] = []
+
+    class Into:
+        def existing(self, key: tuple[Any, ...]) -> object | None:
+            return None
+
+        def register(self, state: Any, key: tuple[Any, ...], obj: object) -> None:
+            registered.append(obj)
+
+    with pytest.raises(CorruptPayloadError):
+        codec.decode(forged, into=Into())
+    assert registered == []
+
+
+MAGIC_HEADER = b"OC\x01\x00"
+
+
+def test_mapper_index_outside_the_payload_is_a_miss(session: Session) -> None:
+    """An instance must name one of the payload's own mappers: -1 is not "the last"."""
+    codec = Codec()
+    payload = codec.encode(session.scalars(select(Account)).one())
+    mappers, instances, root = msgpack.unpackb(
+        payload[4:], raw=False, strict_map_key=False, ext_hook=msgpack.ExtType
+    )
+    assert len(mappers) == 1
+    for bad in (-1, 1, "0", None):
+        forged_instances = [list(i) for i in instances]
+        forged_instances[0][0] = bad
+        forged = MAGIC_HEADER + msgpack.packb([mappers, forged_instances, root], use_bin_type=True)
+        with pytest.raises(CorruptPayloadError):
+            codec.decode(forged)
+
+
+def test_relationship_references_outside_the_payload_are_a_miss(session: Session) -> None:
+    """A relationship naming an instance index the payload does not hold, or of the
+    wrong shape, is refused when the payload is parsed."""
+    codec = Codec()
+    account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
+    payload = codec.encode(account)
+    mappers, instances, root = msgpack.unpackb(
+        payload[4:], raw=False, strict_map_key=False, ext_hook=msgpack.ExtType
+    )
+    assert codec.decode(payload).lines  # the genuine payload decodes
+    lines_at = next(i for i, inst in enumerate(instances) if "lines" in inst[3])
+    for bad in ([99], [-1], "x", [0.5], 7):
+        forged_instances = [list(i) for i in instances]
+        forged_instances[lines_at][3] = {"lines": bad}
+        forged = MAGIC_HEADER + msgpack.packb([mappers, forged_instances, root], use_bin_type=True)
+        with pytest.raises(CorruptPayloadError):
+            codec.decode(forged)
+
+
 def test_schema_change_and_unknown_mapper_are_misses(session: Session) -> None:
     codec = Codec()
     account = session.scalars(select(Account)).one()
@@ -480,3 +630,28 @@ def test_zoneinfo_and_fold_round_trip() -> None:
     assert same(codec.decode(codec.encode(ambiguous)), ambiguous)
     named = dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=2), "EET"))
     assert same(codec.decode(codec.encode(named)), named)
+
+
+def test_a_failed_pack_leaves_nothing_behind_for_the_next() -> None:
+    """Packing reuses one msgpack Packer per thread: a value it refuses must not leave
+    bytes in its buffer that end up in the next payload."""
+    from ormcache.codec import _pack
+
+    with pytest.raises(TypeError):
+        _pack([1, object()])
+    assert msgpack.unpackb(_pack([2, "b"])) == [2, "b"]
+
+
+def test_key_hashes_are_plain_blake2b() -> None:
+    """Key names are part of the stored format: the reused hasher must give exactly the
+    BLAKE2b-128 of the bytes (keyed by the salt when there is one)."""
+    import hashlib
+
+    from ormcache.keys import hash_bytes
+
+    for data in (b"", b"abc", bytes(range(256)) * 40):
+        assert hash_bytes(data) == hashlib.blake2b(data, digest_size=16).hexdigest()
+        assert (
+            hash_bytes(data, b"k" * 32)
+            == hashlib.blake2b(data, digest_size=16, key=b"k" * 32).hexdigest()
+        )

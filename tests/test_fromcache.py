@@ -25,6 +25,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Uuid,
+    bindparam,
     create_engine,
     inspect,
     select,
@@ -335,6 +336,115 @@ def test_identity_map_semantics_on_a_hit(oracle: Any) -> None:
         assert not inspect(hit).modified
         assert s.scalars(stmt).one() is owner
         assert owner.name == "changed, not flushed"
+
+
+def test_prebuilt_statement_reused_across_sessions(oracle: Any) -> None:
+    """A statement built once (a module-level constant) keeps its derived key between
+    runs: hits stay exact and SQL-free, a commit still invalidates it, its own session's
+    pending writes still bypass it, and per-call parameters still select other rows."""
+    _, Session, cache = oracle
+    by_id = select(Owner).where(Owner.id == 1).options(FromCache())
+    by_param = select(Owner).where(Owner.id == bindparam("oid")).options(FromCache())
+    with Session() as s:
+        assert s.scalars(by_id).one().name == "owner1"
+    for _ in range(3):
+        with Session() as s:
+            before = cache.stats().hits
+            assert s.scalars(by_id).one().name == "owner1"
+            assert cache.stats().hits == before + 1
+    with Session() as s:
+        s.get(Owner, 1).name = "renamed"  # type: ignore[union-attr]
+        # Read-your-writes inside the transaction, through the remembered key.
+        assert s.scalars(by_id).one().name == "renamed"
+        s.commit()
+    with Session() as s:
+        assert s.scalars(by_id).one().name == "renamed"
+    for oid in (1, 2, 3, 2, 1):
+        with Session() as s:
+            assert s.scalars(by_param, {"oid": oid}).one().id == oid
+
+
+def test_recycled_statement_ids_never_share_a_key(oracle: Any) -> None:
+    """Statements built and dropped in a loop often reuse the same id(): each must still
+    get its own key (the remembered key is checked against a weak reference)."""
+    _, Session, _ = oracle
+    with Session() as s:
+        for _ in range(3):
+            for oid in (1, 2, 3):
+                stmt = select(Owner).where(Owner.id == oid).options(FromCache())
+                assert s.scalars(stmt).one().id == oid
+                del stmt
+
+
+def test_threads_with_built_and_shared_statements(oracle: Any) -> None:
+    """Threads run built-per-call and shared prebuilt statements for different rows
+    while the remembered statement keys are dropped under them: every result is the
+    row its statement asks for."""
+    import random
+    import threading
+
+    from ormcache import orm
+
+    _, Session, cache = oracle
+    shared = {oid: select(Owner).where(Owner.id == oid).options(FromCache()) for oid in (1, 2, 3)}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for i in range(150):
+                oid = rng.choice((1, 2, 3))
+                with Session() as s:
+                    if rng.random() < 0.5:
+                        stmt = shared[oid]
+                    else:
+                        stmt = select(Owner).where(Owner.id == oid).options(FromCache())
+                    owner = s.scalars(stmt).one()
+                    assert (owner.id, owner.email) == (oid, f"o{oid}@example.com")
+                if seed == 0 and i % 25 == 0:
+                    orm._stmt_keys.clear()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert cache.stats().hits > 0
+
+
+def test_two_databases_behind_one_cache_never_share_entries(
+    tmp_path: Any, cache_url: str, namespace: str
+) -> None:
+    """The same statement against two databases (shards, a database per tenant) through
+    one cache: each session gets its own database's row, on the miss and on the hit."""
+    cache = Cache(cache_url, namespace=namespace, strict=True)
+    factories = []
+    for name in ("left", "right"):
+        engine = create_engine(f"sqlite:///{tmp_path / name}.sqlite")
+        Base.metadata.create_all(engine)
+        factory = sessionmaker(engine, expire_on_commit=False)
+        with factory() as s:
+            s.add(Staff(id=1, name=name))
+            s.commit()
+        cache.attach(factory)
+        factories.append((name, factory, engine))
+    shared = select(Staff).where(Staff.id == 1).options(FromCache())
+    try:
+        for _ in range(3):
+            for name, factory, _engine in factories:
+                with factory() as s:
+                    assert s.scalars(shared).one().name == name
+                    built = select(Staff).where(Staff.id == 1).options(FromCache())
+                    assert s.scalars(built).one().name == name
+        assert cache.stats().hits >= 8
+    finally:
+        cache.clear()
+        cache.close()
+        for _, _, engine in factories:
+            engine.dispose()
 
 
 def test_postgresql_array(postgres_url: str, namespace: str) -> None:

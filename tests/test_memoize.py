@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.orm.exc import DetachedInstanceError
 
@@ -229,6 +229,59 @@ def test_merge_puts_hits_into_the_callers_session(cache: Cache, sqlite_engine: A
     assert user in scoped()
     assert scoped.get(User, 3) is user
     assert counter.count == 0
+    scoped.remove()
+
+
+def test_an_expired_entry_never_reaches_the_merge_session(cache: Cache, sqlite_engine: Any) -> None:
+    """A hit decodes straight into the merge session, but only once the entry is to be
+    served: an entry past its TTL must not put its old instance into the session, where
+    it would win over the fresh value being merged after the recomputation."""
+    import time
+
+    factory = sessionmaker(sqlite_engine)
+    seed(factory)
+    scoped = scoped_session(factory)
+    cache.attach(scoped)
+
+    @cache.memoize(ttl=0.3, merge=True)
+    def get_user(api_key: str) -> User | None:
+        with factory() as s:
+            return s.scalars(
+                select(User).where(User.api_key_hash == key_hash(api_key))
+            ).one_or_none()
+
+    adopted: list[object] = []
+    real_adopter = cache.adopter
+
+    def spy(merge: Any) -> Any:
+        into = real_adopter(merge)
+        adopted.append(into)
+        return into
+
+    cache.adopter = spy  # type: ignore[method-assign]
+    key = "key-1-secret"
+    first = get_user(key)
+    assert first is not None
+    user_id, old_name = first.id, first.name
+    scoped.remove()
+    # A write ormcache cannot see (a plain connection): only the TTL bounds it.
+    with sqlite_engine.begin() as conn:
+        conn.execute(update(User).where(User.id == user_id).values(name="renamed"))
+    time.sleep(0.4)
+    user = get_user(key)
+    # The expired entry was refused before anything was decoded into the session (in
+    # CPython the old instance would usually die at once, but not if a cycle held it).
+    assert adopted == []
+    assert user is not None
+    assert old_name != "renamed"
+    assert user.name == "renamed"
+    # Nothing old was left in the caller's session either.
+    in_session = scoped.get(User, user_id)
+    assert in_session is not None
+    assert in_session.name == "renamed"
+    scoped.remove()
+    assert get_user(key).name == "renamed"  # type: ignore[union-attr]
+    assert len(adopted) == 1  # a hit: decoded straight into the caller's session
     scoped.remove()
 
 

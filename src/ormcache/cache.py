@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, scoped_session
 
 from .backends import Backend, create_backend
 from .breaker import CircuitBreaker
-from .codec import Codec
+from .codec import Adopter, Codec
 from .errors import ConfigurationError
 from .memoize import Memoized, MergeTarget
 from .protocol import NAMESPACE_TAG, Guard, ReadContext
@@ -290,22 +290,19 @@ class Cache:
         orm.attach(self, target)
         self.tracks_loads = True
 
-    def merge_hit(self, value: object, merge: MergeTarget) -> object:
+    def adopter(self, merge: MergeTarget) -> Adopter | None:
+        """Where a memoize hit decodes its instances into (see ``Codec.decode``): the
+        session ``memoize(merge=...)`` names, if there is one now, so a hit builds each
+        instance once, straight into it."""
         from . import orm
 
-        session: Session | None
+        session: Session | None = None
         if merge is True:
             scoped = self._attached_scoped
-            if scoped is None:
-                return value
-            session = scoped()
+            session = None if scoped is None else scoped()
         elif callable(merge):
             session = merge()
-        else:
-            return value
-        if session is None:
-            return value
-        return orm.merge_value(session, value)
+        return None if session is None else orm.SessionAdopter(session)
 
     def stale_instance(self, instances: Iterable[object], ctx: ReadContext) -> str | None:
         """The first persistent instance not loaded during ``ctx``, described, or None."""

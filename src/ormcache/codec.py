@@ -26,9 +26,9 @@ import sys
 import threading
 import uuid
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 from sqlalchemy import inspect
@@ -71,17 +71,30 @@ class _Ref:
         self.idx = idx
 
 
-def _resolve(v: Any, objects: list[Any]) -> Any:
-    """Replace placeholders by instances (only for values that nest them deeply)."""
+def _resolve(v: Any, objects: Sequence[Any]) -> Any:
+    """Replace placeholders by instances, rebuilding every container on the way (so with
+    no instances it is the copy that shares nothing mutable with ``v``).
+
+    Leaves are taken as they are without a call: a cached query's rows are mostly that.
+    """
     t = type(v)
     if t is _Ref:
         return objects[v.idx]
-    if t is list:
-        return [_resolve(x, objects) for x in v]
+    if t is list or t is tuple:
+        # A plain loop: on Python 3.11 each comprehension costs a function call, and a
+        # cached query's rows are many small lists and tuples.
+        out = []
+        for x in v:
+            tx = type(x)
+            if tx is _Ref:
+                out.append(objects[x.idx])
+            elif tx in _SIMPLE:
+                out.append(x)
+            else:
+                out.append(_resolve(x, objects))
+        return out if t is list else tuple(out)
     if t is dict:
         return {_resolve(k, objects): _resolve(x, objects) for k, x in v.items()}
-    if t is tuple:
-        return tuple(_resolve(x, objects) for x in v)
     if t is set or t is frozenset:
         return t(_resolve(x, objects) for x in v)
     if isinstance(v, Row):
@@ -96,8 +109,18 @@ class _Missing:
 _MISSING = _Missing()
 
 
+_packers = threading.local()
+
+
 def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    """``msgpack.packb`` on this thread's own Packer: building a Packer costs several
+    times what packing a key's arguments does. A Packer empties its buffer after each
+    call, failed ones included, and is never shared between threads."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
 
 
 # A zone key names a file in the tz database: allow only what such names look like.
@@ -130,7 +153,9 @@ class _MapperInfo:
         "identity_class",
         "key",
         "mapper",
+        "new_instance",
         "pk_width",
+        "relationship_kinds",
         "relationships",
     )
 
@@ -144,6 +169,8 @@ class _MapperInfo:
         self.relationships: tuple[tuple[str, bool, Any], ...] = tuple(
             (r.key, bool(r.uselist), r.collection_class) for r in mapper.relationships
         )
+        self.relationship_kinds = {k: (u, c) for k, u, c in self.relationships}
+        self.new_instance = mapper.class_manager.new_instance
         parts: list[str] = [self.key]
         for prop in mapper.column_attrs:
             for col in prop.columns:
@@ -345,13 +372,113 @@ class _Encoder:
         return [naive, v.fold, "o", int(offset / dt.timedelta(microseconds=1)), name]
 
 
+# Values that may be shared between decoded copies: nobody can change them in place.
+_IMMUTABLE = frozenset(
+    (
+        str,
+        int,
+        float,
+        bool,
+        bytes,
+        type(None),
+        dt.datetime,
+        dt.date,
+        dt.time,
+        dt.timedelta,
+        decimal.Decimal,
+        uuid.UUID,
+    )
+)
+
+
+# (mapper info, identity key or None, column values, all plain and loaded?, relationships)
+_Item = tuple[_MapperInfo, tuple[Any, ...] | None, list[Any], bool, dict[str, Any]]
+
+
+class _Parsed:
+    """A checked payload that holds instances, ready to be turned into objects again.
+
+    Kept per payload (see ``Codec._parsed``): a hit on the same entry then skips the
+    msgpack walk, the extension hooks and the HMAC check, and only builds fresh instances.
+    """
+
+    __slots__ = ("items", "root")
+
+    def __init__(self, infos: list[_MapperInfo], raw: list[Any], root: Any) -> None:
+        """Check every instance against its mapper once, here, not on every hit."""
+        items: list[_Item] = []
+        keys = set()
+        n = len(raw)
+        for entry in raw:
+            mapper_idx, identity, cols, rels = entry
+            if type(mapper_idx) is not int or not 0 <= mapper_idx < len(infos):
+                raise CorruptPayloadError("instance names no mapper of the payload")
+            info = infos[mapper_idx]
+            if type(cols) is not list or len(cols) != len(info.columns) or type(rels) is not dict:
+                raise CorruptPayloadError("instance does not match its mapper")
+            ident_key = None
+            if identity is not None:
+                pk, token = identity
+                if type(pk) is not list or len(pk) != info.pk_width:
+                    raise CorruptPayloadError("identity does not match its mapper")
+                ident_key = (info.identity_class, tuple(pk), token)
+                if ident_key in keys:
+                    raise CorruptPayloadError("one identity appears twice in the payload")
+                keys.add(ident_key)
+            for key, ref in rels.items():
+                kind = info.relationship_kinds.get(key)
+                if kind is None:
+                    raise CorruptPayloadError("unknown relationship in payload")
+                refs = [] if ref is None else ref if kind[0] else [ref]
+                if type(refs) is not list or not all(type(i) is int and 0 <= i < n for i in refs):
+                    raise CorruptPayloadError("relationship names no instance of the payload")
+            plain = _IMMUTABLE.issuperset(map(type, cols))
+            items.append((info, ident_key, cols, plain, rels))
+        _check_refs(root, n)
+        self.items = items
+        self.root = root
+
+
+def _check_refs(v: Any, n: int) -> None:
+    """Every instance reference in the value names an instance of the payload (checked
+    once, so building a hit cannot fail after instances went into a session)."""
+    t = type(v)
+    if t is _Ref:
+        if not 0 <= v.idx < n:
+            raise CorruptPayloadError("reference to no instance of the payload")
+    elif t is list or t is tuple or t is set or t is frozenset:
+        for x in v:
+            if type(x) not in _SIMPLE:
+                _check_refs(x, n)
+    elif t is dict:
+        for k, x in v.items():
+            _check_refs(k, n)
+            _check_refs(x, n)
+    elif isinstance(v, Row):
+        for x in v:
+            _check_refs(x, n)
+
+
+# Bounds on the parsed-payload memo: small entries only, a few MiB in all.
+_PARSED_MAX_PAYLOAD = 16 * 1024
+_PARSED_MAX_BYTES = 4 * 1024 * 1024
+
+
+class Adopter(Protocol):
+    """Where decoded instances go (a Session, for the ORM): see ``Codec.decode``."""
+
+    def existing(self, key: tuple[Any, ...]) -> object | None: ...
+
+    def register(self, state: InstanceState[Any], key: tuple[Any, ...], obj: object) -> None: ...
+
+
 class _Decoder:
-    __slots__ = ("codec", "objects", "refs")
+    __slots__ = ("codec", "custom", "refs")
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self.objects: list[Any] = []
         self.refs = 0
+        self.custom = False
 
     def unpack(self, data: bytes) -> Any:
         return msgpack.unpackb(
@@ -411,6 +538,8 @@ class _Decoder:
             custom = self.codec._custom_by_name.get(name)
             if custom is None:
                 raise ValueError("unknown custom type")
+            # Custom values may be mutable in ways a rebuild cannot see: never memoized.
+            self.custom = True
             return custom(value)
         if code == MISSING:
             return _MISSING
@@ -461,6 +590,9 @@ class Codec:
             type, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]
         ] = {}
         self._custom_by_name: dict[str, Callable[[Any], Any]] = {}
+        # payload bytes -> its parsed form (only payloads with instances, see _Parsed)
+        self._parsed: dict[bytes, _Parsed] = {}
+        self._parsed_bytes = 0
 
     # -- registries -------------------------------------------------------------------
     def adopt_registrations(self, other: Codec) -> None:
@@ -568,10 +700,16 @@ class Codec:
         return b"c" + _pack(enc.enc(value, "value"))
 
     # -- decode -----------------------------------------------------------------------
-    def decode(self, data: bytes) -> object:
-        """The value in a payload; CorruptPayloadError for anything not written by us."""
+    def decode(self, data: bytes, *, into: Adopter | None = None) -> object:
+        """The value in a payload; CorruptPayloadError for anything not written by us.
+
+        With ``into``, instances whose identity ``into`` already holds are not built: the
+        held object stands in, and only its unloaded attributes are filled from the
+        payload (a database load's rule). The others are built and handed to
+        ``into.register``.
+        """
         try:
-            return self._decode(data)
+            return self._decode(data, into)
         except CorruptPayloadError:
             raise
         except Exception as exc:
@@ -579,9 +717,13 @@ class Codec:
                 f"payload could not be decoded ({type(exc).__name__})"
             ) from exc
 
-    def _decode(self, data: bytes) -> object:
+    def _decode(self, data: bytes, into: Adopter | None) -> object:
         if type(data) is not bytes:
             data = bytes(data)
+        parsed = self._parsed.get(data)
+        if parsed is not None:
+            # These very bytes passed every check before (the registries only grow).
+            return self._materialize(parsed, True, into)
         if len(data) < _HEADER or data[:2] != MAGIC:
             raise CorruptPayloadError("not an ormcache payload (bad magic)")
         if data[2] != VERSION:
@@ -628,58 +770,98 @@ class Codec:
             if info.fingerprint != fingerprint:
                 raise CorruptPayloadError("schema changed since the payload was written")
             infos.append(info)
-        self._build_instances(dec, infos, instances_raw)
-        objects = dec.objects
-        if type(root) is _Ref:
-            return objects[root.idx]
-        if type(root) is list and all(type(x) is _Ref for x in root):
-            return [objects[x.idx] for x in root]
-        return _resolve(root, objects)
+        parsed = _Parsed(infos, instances_raw, root)
+        memo = not dec.custom and len(data) <= _PARSED_MAX_PAYLOAD
+        # A memoized parse is shared: even this first copy must not hand out its lists.
+        value = self._materialize(parsed, memo, into)
+        if memo:
+            self._remember(data, parsed)
+        return value
 
-    def _build_instances(self, dec: _Decoder, infos: list[_MapperInfo], raw: list[Any]) -> None:
-        objects = dec.objects
-        pending: list[tuple[Any, _MapperInfo, dict[str, Any]]] = []
-        for item in raw:
-            mapper_idx, identity, cols, rels = item
-            info = infos[mapper_idx]
-            if len(cols) != len(info.columns) or type(rels) is not dict:
-                raise CorruptPayloadError("instance does not match its mapper")
-            obj = info.mapper.class_manager.new_instance()
+    def _remember(self, data: bytes, parsed: _Parsed) -> None:
+        table = self._parsed
+        with self._lock:
+            if data in table:
+                return
+            # Oldest first (dicts keep insertion order) until the new one fits.
+            while table and self._parsed_bytes + len(data) > _PARSED_MAX_BYTES:
+                oldest = next(iter(table))
+                del table[oldest]
+                self._parsed_bytes -= len(oldest)
+            table[data] = parsed
+            self._parsed_bytes += len(data)
+
+    def _materialize(self, parsed: _Parsed, copy: bool, into: Adopter | None) -> Any:
+        objects = self._build_instances(parsed, copy, into)
+        return _resolve(parsed.root, objects)
+
+    def _build_instances(self, parsed: _Parsed, copy: bool, into: Adopter | None) -> list[Any]:
+        objects: list[Any] = []
+        held: list[tuple[Any, _Item]] = []
+        linked: list[tuple[Any, _Item]] = []
+        fresh: list[tuple[Any, tuple[Any, ...], Any]] = []
+        for item in parsed.items:
+            info, ident_key, cols, plain, _ = item
+            if into is not None and ident_key is not None:
+                existing = into.existing(ident_key)
+                if existing is not None:
+                    objects.append(existing)
+                    held.append((existing, item))
+                    continue
+            obj = info.new_instance()
             state: InstanceState[Any] = obj._sa_instance_state
-            d = state.dict
-            unloaded = []
-            for key, value in zip(info.columns, cols):
-                if value is _MISSING:
-                    unloaded.append(key)
-                else:
-                    d[key] = value
-            if unloaded:
-                # As on an ORM-loaded object: reading them loads them (in a session) or
-                # raises DetachedInstanceError (detached), never silently gives None.
-                state.expired_attributes.update(unloaded)
-            if identity is not None:
-                pk, token = identity
-                if type(pk) is not list or len(pk) != info.pk_width:
-                    raise CorruptPayloadError("identity does not match its mapper")
-                state.key = (info.identity_class, tuple(pk), token)
+            d = obj.__dict__  # where SQLAlchemy keeps loaded state (orm.base.instance_dict)
+            if plain:
+                # Every column loaded, none mutable: the usual row, one C-level update.
+                d.update(zip(info.columns, cols))
+            else:
+                unloaded = []
+                for key, value in zip(info.columns, cols):
+                    if value is _MISSING:
+                        unloaded.append(key)
+                    elif copy and type(value) not in _IMMUTABLE:
+                        # Rebuilds every container: shares nothing mutable with the memo.
+                        d[key] = _resolve(value, ())
+                    else:
+                        d[key] = value
+                if unloaded:
+                    # As on an ORM-loaded object: reading them loads them (in a session)
+                    # or raises DetachedInstanceError (detached), never gives None.
+                    state.expired_attributes.update(unloaded)
+            if ident_key is not None:
+                state.key = ident_key
+                if into is not None:
+                    fresh.append((state, ident_key, obj))
             objects.append(obj)
-            if rels:
-                pending.append((obj, info, rels))
-        for obj, info, rels in pending:
-            known = {k: (u, c) for k, u, c in info.relationships}
+            if item[4]:
+                linked.append((obj, item))
+        # Relationships once every object exists: they may point forward or in cycles.
+        for obj, (info, _, _, _, rels) in linked:
             for key, ref in rels.items():
-                if key not in known:
-                    raise CorruptPayloadError("unknown relationship in payload")
-                uselist, collection_class = known[key]
-                related: Any
-                if ref is None:
-                    related = None
-                elif uselist:
-                    items = [objects[i] for i in ref]
-                    related = set(items) if collection_class is set else items
-                else:
-                    related = objects[ref]
-                set_committed_value(obj, key, related)
+                set_committed_value(obj, key, self._related(info, key, ref, objects))
+        for existing, (info, _, cols, _, rels) in held:
+            # What the session already holds wins; the payload only fills the gaps.
+            ex_dict = existing._sa_instance_state.dict
+            for key, value in zip(info.columns, cols):
+                if value is not _MISSING and key not in ex_dict:
+                    set_committed_value(existing, key, _resolve(value, ()) if copy else value)
+            for key, ref in rels.items():
+                if key not in ex_dict:
+                    set_committed_value(existing, key, self._related(info, key, ref, objects))
+        if into is not None:
+            for state, ident_key, obj in fresh:
+                into.register(state, ident_key, obj)
+        return objects
+
+    @staticmethod
+    def _related(info: _MapperInfo, key: str, ref: Any, objects: list[Any]) -> Any:
+        uselist, collection_class = info.relationship_kinds[key]  # checked in _Parsed
+        if ref is None:
+            return None
+        if uselist:
+            items = [objects[i] for i in ref]
+            return set(items) if collection_class is set else items
+        return objects[ref]
 
 
 def as_dict(obj: object) -> dict[str, Any]:

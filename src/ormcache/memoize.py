@@ -126,22 +126,15 @@ class Memoized(Generic[P, R]):
             tag, fresh_until, took = _META.unpack_from(data)
             if tag != _META_TAG:
                 raise CorruptPayloadError("memoize entry without its header")
-            value = cache.codec.decode(data[_META.size :])
         except (CorruptPayloadError, struct.error) as exc:
-            cache.stats_counters.incr("corrupt")
-            cache.guard.log.warning(
-                "corrupt", "ormcache: dropped an undecodable entry of %s: %s", self.prefix, exc
-            )
-            cache.guard.delete([key])
-            return False, None
+            return self._corrupt(key, exc)
         now = time.time()
-        if now >= fresh_until:
+        stale = now >= fresh_until
+        if stale:
             # Past its TTL but kept for the stale window (entries a commit invalidated
             # never get here: the backend already refused them).
             if self.stale_ttl is None:
                 return False, None
-            self._refresh_in_background(key, args, kwargs)
-            cache.stats_counters.incr("stale_hits")
         elif self.early_refresh and took > 0:
             # XFetch: recompute a little before expiry, more likely the closer it gets
             # and the longer the computation takes, so expiry never stampedes.
@@ -149,8 +142,27 @@ class Memoized(Generic[P, R]):
             if now + gap >= fresh_until:
                 cache.stats_counters.incr("early_refreshes")
                 return False, None
+        try:
+            # Decided to serve it: a hit that merges decodes straight into the merge
+            # session (only now, so a refused entry never reaches the session).
+            into = None if self._merge is False else cache.adopter(self._merge)
+            value = cache.codec.decode(data[_META.size :], into=into)
+        except CorruptPayloadError as exc:
+            return self._corrupt(key, exc)
+        if stale:
+            self._refresh_in_background(key, args, kwargs)
+            cache.stats_counters.incr("stale_hits")
         cache.stats_counters.incr("hits")
-        return True, self._deliver(value)
+        return True, value
+
+    def _corrupt(self, key: str, exc: Exception) -> tuple[bool, object]:
+        cache = self._cache
+        cache.stats_counters.incr("corrupt")
+        cache.guard.log.warning(
+            "corrupt", "ormcache: dropped an undecodable entry of %s: %s", self.prefix, exc
+        )
+        cache.guard.delete([key])
+        return False, None
 
     def _refresh_in_background(self, key: str, args: Any, kwargs: Any) -> None:
         with self._flights_lock:
@@ -276,11 +288,6 @@ class Memoized(Generic[P, R]):
         header = _META.pack(_META_TAG, fresh_until, took)
         cache.guard.store(key, header + payload, ttl, ctx.snapshot)
         return value
-
-    def _deliver(self, value: object) -> object:
-        if self._merge is False:
-            return value
-        return self._cache.merge_hit(value, self._merge)
 
     def _uncacheable(self, exc: UncacheableValueError, args: Any, kwargs: Any) -> R:
         self._report_uncacheable(exc)

@@ -11,9 +11,11 @@ it bumps them again and releases, all before ``commit()`` returns.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +30,12 @@ from sqlalchemy.orm import (
     scoped_session,
     sessionmaker,
 )
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql import Delete, Insert, Select, Update, sqltypes
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, TextClause
 from sqlalchemy.sql.operators import and_, eq
 from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.util import find_tables
+from sqlalchemy.util import immutabledict
 
 from .errors import ConfigurationError, CorruptPayloadError, UncacheableValueError
 from .keys import hash_bytes
@@ -50,7 +52,7 @@ from .tags import any_partition_tag, instance_tags, partition_columns, partition
 if TYPE_CHECKING:
     from .cache import Cache
 
-__all__ = ["FromCache", "attach", "merge_value", "statement_read_tags"]
+__all__ = ["FromCache", "SessionAdopter", "attach", "statement_read_tags"]
 
 _INFO_KEY = "ormcache.tx"
 
@@ -396,10 +398,11 @@ def _attach_session(cache: Cache, target: Any) -> None:
             if option is not None and (option.cache is None or option.cache is cache):
                 return _execute_from_cache(cache, state, option)
             if active_reads(cache):
+                bind = state.session.get_bind(**state.bind_arguments)
                 tags = statement_read_tags(
-                    stmt, _params(state), cache.codec.hash_salt, _dialect_name(state)
+                    stmt, _params(state), cache.codec.hash_salt, str(bind.dialect.name)
                 )
-                if not _snapshot_is_fresh(state):
+                if not _snapshot_is_fresh(state, bind):
                     for ctx in active_reads(cache):
                         ctx.forbid("a query read an older REPEATABLE READ snapshot")
                 _record_read(cache, tags, "a query")
@@ -517,59 +520,28 @@ def attach(cache: Cache, target: object) -> None:
 
 
 # -- loading cached instances into a session -----------------------------------------
-def merge_value(session: Session, value: object) -> object:
-    """Put the detached snapshot instances in ``value`` into ``session``, as a load would.
+def _rows(rows: Any) -> list[tuple[Any, ...]]:
+    if type(rows) is not list or not all(type(r) is tuple for r in rows):
+        raise TypeError("cached rows")
+    return rows
 
-    An identity already in the session wins, as it does for a database load: its loaded
-    attributes (and any pending changes) are kept and only its unloaded attributes are
-    filled from the snapshot. A new identity becomes a persistent, clean instance. No SQL
-    is emitted.
-    """
-    memo: dict[int, object] = {}
 
-    def instance(obj: object) -> object:
-        found = memo.get(id(obj))
-        if found is not None:
-            return found
-        state: Any = inspect(obj)
-        key = state.key
-        existing = session.identity_map.get(key) if key is not None else None
-        if existing is not None:
-            memo[id(obj)] = existing
-            ex_state: Any = inspect(existing)
-            for attr_key, loaded in list(state.dict.items()):
-                if attr_key in ex_state.dict:
-                    continue
-                prop = state.mapper.attrs.get(attr_key)
-                if prop is None:
-                    continue
-                set_committed_value(existing, attr_key, walk(loaded) if _is_rel(prop) else loaded)
-            return existing
-        memo[id(obj)] = obj
-        for rel in state.mapper.relationships:
-            if rel.key in state.dict:
-                set_committed_value(obj, rel.key, walk(state.dict[rel.key]))
-        if key is not None:
-            _register(session, state, key, obj)
-        return obj
+class SessionAdopter:
+    """Decodes a hit straight into a session (``Codec.decode(into=...)``): FromCache's
+    session, or the session a memoized function merges into. An identity the session
+    holds is never built twice, and nothing is walked again afterwards."""
 
-    def walk(v: object) -> object:
-        if v is None or isinstance(v, (str, int, float, bytes)):
-            return v
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        if isinstance(v, set):
-            return {walk(x) for x in v}
-        if isinstance(v, tuple):
-            items = tuple(walk(x) for x in v)
-            return v._make(items) if hasattr(v, "_make") else items
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if hasattr(v, "_sa_instance_state"):
-            return instance(v)
-        return v
+    __slots__ = ("identity_map", "session")
 
-    return walk(value)
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.identity_map = session.identity_map
+
+    def existing(self, key: tuple[Any, ...]) -> object | None:
+        return self.identity_map.get(key)
+
+    def register(self, state: Any, key: tuple[Any, ...], obj: object) -> None:
+        _register(self.session, state, key, obj)
 
 
 def _register(session: Session, state: Any, key: Any, obj: object) -> None:
@@ -589,10 +561,6 @@ def _register(session: Session, state: Any, key: Any, obj: object) -> None:
     state.identity_token = key[2]
     state.session_id = hash_key
     add_unpresent(state, key)
-
-
-def _is_rel(prop: Any) -> bool:
-    return hasattr(prop, "direction")
 
 
 # -- FromCache ----------------------------------------------------------------------
@@ -714,7 +682,7 @@ def _build_plan(state: ORMExecuteState, stmt: Any, ck: Any) -> _Plan | None:
     return _Plan(base, frozenset(static), tuple(partitions), frozenset(t.fullname for t in tables))
 
 
-def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
+def _snapshot_is_fresh(state: ORMExecuteState, bind: Any) -> bool:
     """False when this statement would read a transaction snapshot older than now.
 
     Under REPEATABLE READ or SERIALIZABLE the snapshot is fixed by the transaction's
@@ -724,7 +692,6 @@ def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
     tx = state.session.info.get(_INFO_KEY)
     if tx is None or tx.statements == 0:
         return True
-    bind: Any = state.session.get_bind(**state.bind_arguments)
     dialect = bind.dialect
     if dialect.name == "sqlite":
         return True
@@ -738,11 +705,6 @@ def _snapshot_is_fresh(state: ORMExecuteState) -> bool:
     if level is None:
         level = getattr(dialect, "default_isolation_level", None)
     return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
-
-
-def _dialect_name(state: ORMExecuteState) -> str:
-    bind: Any = state.session.get_bind(**state.bind_arguments)
-    return str(bind.dialect.name)
 
 
 def _params(state: ORMExecuteState) -> dict[str, Any]:
@@ -762,6 +724,77 @@ def _execute_from_cache(cache: Cache, state: ORMExecuteState, option: FromCache)
         end_call(token)
 
 
+# Result metadata per column-key list: immutable, so every hit can share one.
+_metadata: dict[tuple[str, ...], SimpleResultMetaData] = {}
+
+
+def _hit_metadata(keys: list[str]) -> SimpleResultMetaData:
+    k = tuple(keys)
+    meta = _metadata.get(k)
+    if meta is None:
+        if len(_metadata) >= _PLAN_LIMIT:
+            _metadata.clear()
+        meta = _metadata[k] = SimpleResultMetaData(k)
+    return meta
+
+
+# id(engine) -> (weak ref to it, salt, database identity).
+_databases: dict[int, tuple[Any, bytes | None, str]] = {}
+
+
+def _database(bind: Any, salt: bytes | None) -> str:
+    """Which database a bind reads, as a short hash that goes into every FromCache key.
+
+    The same statement against two databases behind one cache (shards, a database per
+    tenant, a test copy) must never share an entry. The URL without its password names
+    the database, the user (row-level security) and the options; each in-memory SQLite
+    database is its own engine's.
+    """
+    engine = getattr(bind, "engine", bind)
+    found = _databases.get(id(engine))
+    if found is not None and found[0]() is engine and found[1] is salt:
+        return found[2]
+    url = engine.url
+    name = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        name += f"#{id(engine)}"
+    ident = hash_bytes(name.encode(), salt)[:12]
+    if len(_databases) >= _PLAN_LIMIT:
+        _databases.clear()
+    _databases[id(engine)] = (weakref.ref(engine), salt, ident)
+    return ident
+
+
+# id(statement) -> (weak ref to it, database identity, salt, plan, entry key). The weak ref proves
+# the id still names the same statement; it never keeps one alive.
+_stmt_keys: dict[int, tuple[Any, str, bytes | None, _Plan, str]] = {}
+
+
+def _remember_key(stmt: Any, derived: tuple[str, bytes | None, _Plan, str]) -> None:
+    try:
+        ref = weakref.ref(stmt)
+    except TypeError:  # pragma: no cover - every SQLAlchemy executable takes weak refs
+        return
+    if len(_stmt_keys) >= _PLAN_LIMIT:
+        _stmt_keys.clear()
+    _stmt_keys[id(stmt)] = (ref, *derived)
+
+
+def _bypass(
+    cache: Cache, state: ORMExecuteState, stmt: Any, params: dict[str, Any], dialect: str
+) -> Result[Any]:
+    cache.stats_counters.incr("bypasses")
+    _record_read(
+        cache, statement_read_tags(stmt, params, cache.codec.hash_salt, dialect), "a query"
+    )
+    return state.invoke_statement()
+
+
+@functools.cache
+def _legacy_attributes(single_entity: bool, filtered: bool) -> Any:
+    return immutabledict({"is_single_entity": single_entity, "filtered": filtered})
+
+
 def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Result[Any]:
     session = state.session
     stats = cache.stats_counters
@@ -772,46 +805,56 @@ def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Resu
     stmt: Any = state.statement
     params = _params(state)
     pending = pending_write_tags()
-    fresh = _snapshot_is_fresh(state)
+    bind: Any = session.get_bind(**state.bind_arguments)
+    fresh = _snapshot_is_fresh(state, bind)
     tx = _tx(session)
     tx.statements += 1
     populate = state.load_options._populate_existing if state.is_orm_statement else False
-    dialect = _dialect_name(state)
-    ck = stmt._generate_cache_key()
-    plan = None if ck is None else _plan(state, stmt, ck, dialect)
+    dialect = str(bind.dialect.name)
+    salt = cache.codec.hash_salt
+    database = _database(bind, salt)
+    plan: _Plan | None = None
+    key: str | None = None
+    known = None if params else _stmt_keys.get(id(stmt))
+    if known is not None and known[0]() is stmt and known[1] == database and known[2] is salt:
+        # A statement built once and run again (a module-level constant): same shape,
+        # same values, same key.
+        plan, key = known[3], known[4]
+    ck = stmt._generate_cache_key()  # memoized on a reused statement: no walk
+    if plan is None and ck is not None:
+        plan = _plan(state, stmt, ck, dialect)
     if (
         plan is None
         or populate
         or NAMESPACE_TAG in pending
         or (pending and _tables_of(pending) & plan.tables)
     ):
-        stats.incr("bypasses")
-        _record_read(
-            cache,
-            statement_read_tags(stmt, params, cache.codec.hash_salt, dialect),
-            "a query",
-        )
-        return state.invoke_statement()
-    salt = cache.codec.hash_salt
-    tags = plan.tags(ck, params, salt)
-    try:
-        flat = [b.effective_value for b in ck.bindparams]
-        if params:
-            flat.append("\x00params")
-            for k in sorted(params):
-                flat.extend((k, params[k]))
-        values = cache.codec.canonical(tuple(flat))
-    except UncacheableValueError:
-        stats.incr("bypasses")
-        _record_read(cache, tags, "a query")
-        return state.invoke_statement()
-    key = f"{plan.base}:{hash_bytes(values, salt)}"
-    all_tags = sorted(tags)
+        return _bypass(cache, state, stmt, params, dialect)
+    if key is None:
+        try:
+            flat = [b.effective_value for b in ck.bindparams]
+            if params:
+                flat.append("\x00params")
+                for k in sorted(params):
+                    flat.extend((k, params[k]))
+            values = cache.codec.canonical(tuple(flat))
+        except UncacheableValueError:
+            stats.incr("bypasses")
+            _record_read(cache, plan.tags(ck, params, salt), "a query")
+            return state.invoke_statement()
+        key = f"{plan.base}:{database}:{hash_bytes(values, salt)}"
+        if not params:
+            _remember_key(stmt, (database, salt, plan, key))
+    # The tags matter only to a store and to an enclosing memoized call: a plain hit
+    # is checked by the backend against the generations recorded with the entry.
+    all_tags: list[str] | None = None
 
     snap = None
-    if active_reads(cache):
+    reads = active_reads(cache)
+    if reads:
+        all_tags = sorted(plan.tags(ck, params, salt))
         snap = cache.guard.snapshot(all_tags)
-        for ctx in active_reads(cache):
+        for ctx in reads:
             ctx.record(snap, "a cached query")
             if not fresh:
                 ctx.forbid("a query read an older REPEATABLE READ snapshot")
@@ -819,27 +862,28 @@ def _from_cache(cache: Cache, state: ORMExecuteState, option: FromCache) -> Resu
     data = cache.guard.get(key) if fresh else None
     if data is not None:
         try:
-            decoded: Any = cache.codec.decode(data)
+            decoded: Any = cache.codec.decode(data, into=SessionAdopter(session))
             keys, rows, flags = decoded
-            loaded: Any = merge_value(session, rows)
+            loaded: Any = _rows(rows)
+            meta = _hit_metadata(keys)
         except (CorruptPayloadError, TypeError, ValueError):
             stats.incr("corrupt")
             cache.guard.delete([key])
         else:
             stats.incr("hits")
-            for ctx in active_reads(cache):
+            for ctx in reads:
                 ctx.loaded.update(
                     inspect(o) for row in loaded for o in row if hasattr(o, "_sa_instance_state")
                 )
-            hit_result: Any = IteratorResult(SimpleResultMetaData(keys), iter(loaded))
+            hit_result: Any = IteratorResult(meta, iter(loaded))
             if flags:
-                # What the legacy Query reads to apply scalars() / unique() itself.
-                hit_result._attributes = hit_result._attributes.union(
-                    {"is_single_entity": bool(flags[0]), "filtered": bool(flags[1])}
-                )
+                # What the legacy Query reads to apply scalars() / unique() itself (a
+                # new result's attributes are empty: no merge needed).
+                hit_result._attributes = _legacy_attributes(bool(flags[0]), bool(flags[1]))
             return hit_result  # type: ignore[no-any-return]
     stats.incr("misses")
     if snap is None and fresh:
+        all_tags = sorted(plan.tags(ck, params, salt))
         snap = cache.guard.snapshot(all_tags)
     result = state.invoke_statement()
     frozen = result.freeze()

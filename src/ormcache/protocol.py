@@ -211,14 +211,18 @@ class Guard:
 
     # -- reads ------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        if not self.usable():
-            return None
+        # usable() inlined for the common case (no failure, breaker closed, nothing
+        # owed): this runs on every hit.
+        breaker = self.breaker
+        if _call_failed.get() or breaker.is_open or self._owed:  # noqa: SIM102
+            if not self.usable():
+                return None
         try:
             data = self.backend.get(key)
         except BackendError as exc:
             self._failed("get", exc)
             return None
-        self.breaker.success()
+        breaker.success()
         return data
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:

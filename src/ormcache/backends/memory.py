@@ -91,11 +91,9 @@ class MemoryBackend:
             if expires is not None and expires <= self._clock():
                 del self._entries[key]
                 return None
-            current = self._gens
-            for tag, gen in zip(tags, gens):
-                if current.get(tag) != gen:
-                    del self._entries[key]
-                    return None
+            if tuple(map(self._gens.get, tags)) != gens:
+                del self._entries[key]
+                return None
             self._entries.move_to_end(key)
             return payload
 
@@ -117,7 +115,7 @@ class MemoryBackend:
             if self._leased(snapshot.tags, now):
                 return False
             expires = None if ttl is None else now + ttl
-            self._entries[key] = (expires, snapshot.tags, snapshot.gens, bytes(payload))
+            self._entries[key] = (expires, snapshot.tags, tuple(snapshot.gens), bytes(payload))
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
