@@ -9,25 +9,18 @@ Run: ``.venv/bin/python -m benchmarks.bench_commit`` (PostgreSQL + Redis).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import String, create_engine, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from benchmarks.common import POSTGRES_URL, REDIS_URL, RESULTS
 from ormcache import Cache
 from ormcache.backends.redis import RedisBackend
-
-RESULTS = Path(__file__).parent / "results"
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get(
-    "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 class Base(DeclarativeBase):
