@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -24,59 +21,9 @@ from ormcache import Cache
 from tests import stampede_workers
 from tests.fault_workers import lookup_fn
 from tests.models import User, key_hash, seed
+from tests.redis_procs import PrivateRedis
 
 TIMEOUT = 0.2
-
-
-class PrivateRedis:
-    """A redis-server of the test's own, on a free port; never the shared one."""
-
-    def __init__(self, tmp: str, *extra: str) -> None:
-        self.extra = extra
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; the fault tests need it")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.tmp,
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                client.close()
-                return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture
@@ -445,3 +392,71 @@ def test_fromcache_recovers_after_an_outage(
         time.sleep(0.05)
     assert cache.stats().hits >= hits + 3
     cache.close()
+
+
+class _FailingOnce:
+    """The memory backend, with chosen operations failing the next time they run: a
+    deterministic stand-in for a backend that drops out for one call."""
+
+    def __init__(self) -> None:
+        from ormcache.backends.memory import MemoryBackend
+
+        self.inner = MemoryBackend("failing-once")
+        self.fail_next: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name in self.fail_next:
+                self.fail_next.discard(name)
+                from ormcache.errors import BackendError
+
+                raise BackendError(f"injected failure of {name}")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_failed_unlock_does_not_stall_the_next_miss() -> None:
+    """A computation whose unlock failed left its lock in the backend. The next miss on
+    that key must not wait lock_wait for a holder that has moved on: the unlock is owed
+    and paid before the next lock."""
+    backend = _FailingOnce()
+    cache = Cache(backend=backend, lock_wait=3.0, breaker_threshold=100)  # type: ignore[arg-type]
+    calls = {"n": 0}
+
+    @cache.memoize(ttl=60)
+    def f() -> int:
+        calls["n"] += 1
+        return calls["n"]
+
+    backend.fail_next = {"set", "unlock"}  # the store and the unlock both fail
+    assert f() == 1
+    start = time.monotonic()
+    assert f() == 2  # a miss (nothing was stored), computed at once
+    assert time.monotonic() - start < 1.0, "waited for a lock nobody holds"
+    assert f() == 2  # and stored this time
+
+
+def test_failed_release_is_paid_when_the_backend_returns(sqlite_engine: Any) -> None:
+    """A commit whose lease release failed must not block stores on its tags until the
+    lease expires: the release is owed, and paid with the owed bumps."""
+    backend = _FailingOnce()
+    cache = Cache(backend=backend, lease_ttl=30.0, breaker_threshold=100)  # type: ignore[arg-type]
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of(keys[0]) == "user0"
+    backend.fail_next = {"release_lease"}
+    with Session() as s:
+        s.scalars(select(User)).first().name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    stores = cache.stats().stores
+    assert name_of(keys[0]) == "renamed"  # fresh: the owed bump was paid first
+    assert cache.stats().stores == stores + 1, "the leftover lease still blocks stores"
+    assert name_of(keys[0]) == "renamed"
+    assert cache.stats().hits >= 1

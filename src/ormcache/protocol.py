@@ -155,6 +155,9 @@ class _RateLimitedLog:
         logger.warning(message, *args)
 
 
+_OWED_LIMIT = 1000
+
+
 class Guard:
     """The backend as the cache sees it: never raises, counts and logs every failure.
 
@@ -168,6 +171,16 @@ class Guard:
         self.breaker = breaker
         self.log = _RateLimitedLog()
         self._owed: set[str] = set()
+        # Leases whose release failed (token -> tags). Left alone they would block
+        # stores on their tags until they expire, long after the backend is back (a
+        # Sentinel failover takes about a second; a lease lives lease_ttl seconds).
+        self._owed_releases: dict[str, tuple[str, ...]] = {}
+        # Tokens whose lease this process holds: only those are worth releasing later
+        # (a lease that failed to be taken has nothing to release).
+        self._held: set[str] = set()
+        # Computation locks whose unlock failed (key -> token). Left alone, the next miss
+        # on that key would wait lock_wait seconds for a holder that has moved on.
+        self._owed_unlocks: dict[str, str] = {}
         self._owed_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
@@ -184,14 +197,19 @@ class Guard:
             )
 
     def _settle(self) -> bool:
-        """Pay owed bumps; True if nothing is owed any more."""
+        """Pay owed releases and bumps; True if nothing is owed any more."""
         if not self._owed:
             return True
         with self._owed_lock:
             owed = sorted(self._owed)
+            releases = list(self._owed_releases.items())
         if not owed:
             return True
         try:
+            for token, tags in releases:
+                self.backend.release_lease(tags, token)
+                with self._owed_lock:
+                    self._owed_releases.pop(token, None)
             self.backend.bump(owed)
         except BackendError as exc:
             self._failed("bump", exc)
@@ -259,6 +277,8 @@ class Guard:
         (then nobody can coordinate, so the caller computes)."""
         if not self.usable():
             return None
+        if self._owed_unlocks and not self._pay_unlocks():
+            return None
         try:
             taken = self.backend.lock(key, token, ttl)
         except BackendError as exc:
@@ -272,6 +292,25 @@ class Guard:
             self.backend.unlock(key, token)
         except BackendError as exc:
             self._failed("unlock", exc)
+            with self._owed_lock:
+                if len(self._owed_unlocks) >= _OWED_LIMIT:
+                    # The oldest lock has expired by itself long ago.
+                    self._owed_unlocks.pop(next(iter(self._owed_unlocks)))
+                self._owed_unlocks[key] = token
+
+    def _pay_unlocks(self) -> bool:
+        with self._owed_lock:
+            owed = list(self._owed_unlocks.items())
+        for key, token in owed:
+            try:
+                self.backend.unlock(key, token)
+            except BackendError as exc:
+                self._failed("unlock", exc)
+                return False
+            with self._owed_lock:
+                if self._owed_unlocks.get(key) == token:
+                    del self._owed_unlocks[key]
+        return True
 
     # -- writes -----------------------------------------------------------------------
     def _owe(self, tags: Sequence[str]) -> None:
@@ -294,14 +333,27 @@ class Guard:
         except BackendError as exc:
             self._failed("lease", exc)
             self._owe(tags)
+            return
+        with self._owed_lock:
+            self._held.add(token)
 
     def release_lease(self, tags: Sequence[str], token: str) -> None:
         self.stats.incr("invalidations")
+        with self._owed_lock:
+            held = token in self._held
+            self._held.discard(token)
         try:
             self.backend.release_lease(tags, token)
         except BackendError as exc:
             self._failed("release", exc)
             self._owe(tags)
+            if not held:
+                return
+            with self._owed_lock:
+                if len(self._owed_releases) >= _OWED_LIMIT:
+                    # The oldest lease has expired by itself long ago.
+                    self._owed_releases.pop(next(iter(self._owed_releases)))
+                self._owed_releases[token] = tuple(tags)
 
     def clear(self) -> None:
         try:
