@@ -191,5 +191,3 @@ def test_create_backend_schemes() -> None:
     assert isinstance(create_backend("memory://", "n"), MemoryBackend)
     with pytest.raises(ConfigurationError, match="memory://"):
         create_backend("memcached://host", "n")
-    with pytest.raises(ConfigurationError, match="not supported yet"):
-        create_backend("redis+cluster://host", "n")

@@ -10,7 +10,7 @@ from .base import AsyncBackend, Backend, Snapshot
 
 __all__ = ["AsyncBackend", "Backend", "Snapshot", "create_backend"]
 
-SCHEMES = ("memory://", "redis://", "rediss://")
+SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
 
 
 def create_backend(url: str, namespace: str, **options: Any) -> Backend:
@@ -20,18 +20,18 @@ def create_backend(url: str, namespace: str, **options: Any) -> Backend:
         from .memory import MemoryBackend
 
         return MemoryBackend(namespace, **options)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
         try:
             from .redis import RedisBackend
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigurationError(
-                f"{url.split('@')[-1]!r} needs the redis client: pip install 'ormcache[redis]'"
+                f"{scheme}:// needs the redis client: pip install 'ormcache[redis]'"
             ) from exc
+        if scheme == "redis+cluster":
+            from .redis_cluster import RedisClusterBackend
+
+            return RedisClusterBackend.from_url(url, namespace, **options)
         return RedisBackend.from_url(url, namespace, **options)
-    if scheme in ("redis+sentinel", "redis+cluster"):
-        raise ConfigurationError(
-            f"{scheme}:// is not supported yet; use redis:// (standalone) for now"
-        )
     raise ConfigurationError(
         f"unsupported cache URL scheme {scheme or url!r}; use one of {', '.join(SCHEMES)}"
     )

@@ -11,27 +11,33 @@ current one and returns the payload in the same round trip, so a hit costs one E
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from ormcache.errors import BackendError
+from ormcache.errors import BackendError, ConfigurationError
 
 from .base import Snapshot
 
-__all__ = ["RedisBackend"]
+__all__ = ["RedisBackend", "SentinelTarget", "parse_sentinel_url"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("ormcache")
 
 _ENTRY_MAGIC = b"OCE1"
 _MAX_HEADER = 65535
@@ -190,6 +196,25 @@ return 0
 """
 
 
+def run_redis(where: str, what: str, call: Callable[[], T]) -> T:
+    """Run one Redis call, turning redis-py's errors into a BackendError that says what
+    failed and what to check (the guard logs it and serves the call uncached)."""
+    try:
+        return call()
+    except redis.exceptions.TimeoutError as exc:
+        raise BackendError(
+            f"{where} did not answer {what} in time ({exc}); it is overloaded or "
+            "unreachable, or socket_timeout is too low"
+        ) from exc
+    except redis.exceptions.ConnectionError as exc:
+        raise BackendError(
+            f"{where} refused or dropped the connection during {what} ({exc}); "
+            "check that it is running and that ORMCACHE_URL points at it"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        raise BackendError(f"{where} failed {what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _fresh() -> int:
     return secrets.randbits(62)
 
@@ -198,6 +223,97 @@ def _check_tag(tag: str) -> str:
     if "\n" in tag or not tag.isascii():
         raise ValueError(f"tags must be ASCII without newlines, got {tag!r}")
     return tag
+
+
+def split_hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int]]:
+    """``host[:port],host[:port]...`` (IPv6 in brackets), as Sentinel and Cluster URLs
+    list several nodes where urllib expects one."""
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise ConfigurationError(
+                f"bad port {port_text!r} in cache URL {_redacted(url)!r}"
+            ) from None
+        hosts.append((host or "127.0.0.1", port))
+    if not hosts:
+        raise ConfigurationError(f"cache URL {_redacted(url)!r} names no host")
+    return hosts
+
+
+def split_userinfo(netloc: str) -> tuple[str | None, str | None, str]:
+    """(username, password, the rest): the password may itself contain ``@``."""
+    if "@" not in netloc:
+        return None, None, netloc
+    userinfo, _, rest = netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    return (unquote(user) or None), (unquote(password) if sep else None), rest
+
+
+def _redacted(url: str) -> str:
+    """The URL without its credentials, for error messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    hosts: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    wait_replicas: int
+    wait_timeout: float
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    parts = urlsplit(url)
+    username, password, hostlist = split_userinfo(parts.netloc)
+    hosts = split_hosts(hostlist, 26379, url)
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ConfigurationError(
+            f"{_redacted(url)!r} must name the master's service after the hosts, e.g. "
+            "redis+sentinel://127.0.0.1:26379/mymaster/0"
+        )
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"sentinel_password", "wait_replicas", "wait_timeout"}
+    if unknown:
+        raise ConfigurationError(
+            f"unknown options {sorted(unknown)} in {_redacted(url)!r}; "
+            "known: sentinel_password, wait_replicas, wait_timeout"
+        )
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+        wait_replicas = int(query.get("wait_replicas", "1"))
+        wait_timeout = float(query.get("wait_timeout", "0.1"))
+    except ValueError as exc:
+        raise ConfigurationError(f"bad number in cache URL {_redacted(url)!r}: {exc}") from None
+    if wait_replicas < 0 or wait_timeout <= 0:
+        raise ConfigurationError(
+            f"wait_replicas must be >= 0 and wait_timeout > 0 seconds in {_redacted(url)!r}"
+        )
+    return SentinelTarget(
+        hosts=hosts,
+        service=unquote(path[0]),
+        db=db,
+        username=username,
+        password=password,
+        sentinel_password=query.get("sentinel_password"),
+        wait_replicas=wait_replicas,
+        wait_timeout=wait_timeout,
+    )
 
 
 class _Lane(threading.local):
@@ -218,8 +334,17 @@ class RedisBackend:
         *,
         generation_ttl: float = 86400.0,
         where: str = "Redis",
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
     ) -> None:
         self.client = client
+        # Replication is asynchronous: after a failover the promoted replica may lack the
+        # last bumps, which would make entries valid again that a commit invalidated.
+        # With wait_replicas, every invalidation waits (WAIT, bounded) until that many
+        # replicas have it, before COMMIT and before commit() returns.
+        self.wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(wait_timeout * 1000))
+        self._unacked_warned = 0.0
         self.namespace = namespace
         self.where = where
         self._gen_ttl_ms = str(int(generation_ttl * 1000))
@@ -256,7 +381,12 @@ class RedisBackend:
         generation_ttl: float = 86400.0,
         **options: Any,
     ) -> RedisBackend:
-        """Timeouts default low: a cache that waits seconds for Redis is an outage."""
+        """``redis://``, ``rediss://`` or ``redis+sentinel://``. Timeouts default low: a
+        cache that waits seconds for Redis is an outage."""
+        if url[:17].lower() == "redis+sentinel://":
+            return cls._sentinel_backend(
+                url, namespace, socket_timeout, connect_timeout, generation_ttl, options
+            )
         parts = urlsplit(url)
         where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
         client = redis.Redis.from_url(
@@ -269,22 +399,61 @@ class RedisBackend:
         )
         return cls(client, namespace, generation_ttl=generation_ttl, where=where)
 
+    @staticmethod
+    def _sentinel_backend(
+        url: str,
+        namespace: str,
+        socket_timeout: float,
+        connect_timeout: float,
+        generation_ttl: float,
+        options: dict[str, Any],
+    ) -> RedisBackend:
+        """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``.
+
+        Every command goes to the master that the Sentinels name: a replica may lag, and
+        a hit served from one could be older than a commit that already returned.
+        ``password`` in the URL is the master's; query options ``sentinel_password``,
+        ``wait_replicas`` (default 1) and ``wait_timeout`` (seconds, default 0.1).
+        """
+        from redis.sentinel import Sentinel
+
+        target = parse_sentinel_url(url)
+        if target.wait_replicas and target.wait_timeout >= socket_timeout:
+            raise ConfigurationError(
+                f"wait_timeout ({target.wait_timeout} s) must be below socket_timeout "
+                f"({socket_timeout} s), or the reply to WAIT times out first; lower it in "
+                "the cache URL or raise socket_timeout"
+            )
+        retry = Retry(NoBackoff(), 0)
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+        sentinel_kwargs: dict[str, Any] = dict(timeouts)
+        if target.sentinel_password:
+            sentinel_kwargs["password"] = target.sentinel_password
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            target.hosts, sentinel_kwargs=sentinel_kwargs, **timeouts
+        )
+        client = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            retry=retry,
+            **timeouts,
+            **options,
+        )
+        hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
+        return RedisBackend(
+            client,
+            namespace,
+            generation_ttl=generation_ttl,
+            where=f"Redis master {target.service!r} (Sentinel at {hosts})",
+            wait_replicas=target.wait_replicas,
+            wait_timeout=target.wait_timeout,
+        )
+
     # -- plumbing ---------------------------------------------------------------------
     def _run(self, what: str, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except redis.exceptions.TimeoutError as exc:
-            raise BackendError(
-                f"{self.where} did not answer {what} in time ({exc}); it is overloaded or "
-                "unreachable, or socket_timeout is too low"
-            ) from exc
-        except redis.exceptions.ConnectionError as exc:
-            raise BackendError(
-                f"{self.where} refused or dropped the connection during {what} ({exc}); "
-                "check that it is running and that ORMCACHE_URL points at it"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"{self.where} failed {what}: {type(exc).__name__}: {exc}") from exc
+        return run_redis(self.where, what, call)
 
     def _read(self, *args: str | bytes) -> Any:
         """One command on this thread's own connection, made like the pool's.
@@ -382,10 +551,41 @@ class RedisBackend:
         if keys:
             self._run("delete", lambda: self.client.unlink(*[self._e + k for k in keys]))
 
+    def _invalidate(self, what: str, script: Script, keys: list[str], args: list[Any]) -> None:
+        """Run an invalidating script; with ``wait_replicas``, wait for the replicas in the
+        same round trip (WAIT covers only the writes of its own connection)."""
+        if not self.wait_replicas:
+            self._run(what, lambda: script(keys=keys, args=args))
+            return
+
+        def run() -> int:
+            # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT; the server
+            # still compiles each script body once.
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.eval(str(script.script), len(keys), *keys, *args)  # registered as str
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", self.wait_replicas, self._wait_ms
+                )
+                return int(pipe.execute()[-1])
+
+        acked = self._run(what, run)
+        if acked < self.wait_replicas:
+            now = time.monotonic()
+            if now - self._unacked_warned > 60:
+                self._unacked_warned = now
+                logger.warning(
+                    "ormcache: %s: %d of %d replicas acknowledged an invalidation within "
+                    "%d ms; a failover now could lose it. Check the replicas, or lower "
+                    "wait_replicas in the cache URL",
+                    self.where,
+                    acked,
+                    self.wait_replicas,
+                    self._wait_ms,
+                )
+
     def bump(self, tags: Sequence[str]) -> None:
         if tags:
-            keys = self._gen_keys(tags)
-            self._run("bump", lambda: self._bump(keys=keys, args=[_fresh(), self._gen_ttl_ms]))
+            self._invalidate("bump", self._bump, self._gen_keys(tags), [_fresh(), self._gen_ttl_ms])
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
         if not tags:
@@ -398,14 +598,14 @@ class RedisBackend:
             token,
             max(1, int(ttl * 1000)),
         ]
-        self._run("lease", lambda: self._acquire(keys=keys, args=args))
+        self._invalidate("lease", self._acquire, keys, args)
 
     def release_lease(self, tags: Sequence[str], token: str) -> None:
         if not tags:
             return
         keys = self._gen_keys(tags) + self._lease_keys(tags)
         args: list[bytes | str | int] = [_fresh(), self._gen_ttl_ms, len(tags), token]
-        self._run("release", lambda: self._release(keys=keys, args=args))
+        self._invalidate("release", self._release, keys, args)
 
     def lock(self, key: str, token: str, ttl: float) -> bool:
         ms = max(1, int(ttl * 1000))

@@ -1,0 +1,348 @@
+"""Redis Sentinel and Redis Cluster: the backend contract, the ORM guarantees end to end,
+the Cluster layout, and a Sentinel failover under load. Each topology is a set of
+redis-server processes of this module's own, on free ports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import Cache, FromCache
+from ormcache.backends import create_backend
+from ormcache.backends.redis import RedisBackend, parse_sentinel_url
+from ormcache.backends.redis_cluster import RedisClusterBackend
+from ormcache.errors import ConfigurationError
+from ormcache.testing import BackendContract
+from tests.conftest import SQLCounter
+from tests.fault_workers import lookup_fn
+from tests.models import User, key_hash, seed
+from tests.redis_procs import ClusterSetup, SentinelSetup
+
+TIMEOUT = 0.2
+
+
+@pytest.fixture(scope="module")
+def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+class TestSentinelBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[RedisBackend]:
+        backend = RedisBackend.from_url(sentinel.url(), namespace)
+        yield backend
+        backend.clear()
+        backend.close()
+
+    @pytest.fixture
+    def make_backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[Any]:
+        made: list[RedisBackend] = []
+
+        def make() -> RedisBackend:
+            made.append(RedisBackend.from_url(sentinel.url(), namespace))
+            return made[-1]
+
+        yield make
+        for b in made:
+            b.close()
+
+    def test_invalidations_wait_for_a_replica(
+        self, sentinel: SentinelSetup, namespace: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With wait_replicas, a bump returns only once a replica has it (WAIT), or after
+        wait_timeout with a warning: a frozen replica makes the bump wait and warn; with
+        wait_replicas=0 it does not wait."""
+        waiting = RedisBackend.from_url(
+            sentinel.url("?wait_replicas=1&wait_timeout=0.15"), namespace
+        )
+        eager = RedisBackend.from_url(sentinel.url("?wait_replicas=0"), namespace)
+        try:
+            start = time.perf_counter()
+            waiting.bump(["t:a"])
+            assert time.perf_counter() - start < 0.14  # the replica is up: acked at once
+            assert sentinel.replica.proc is not None
+            os.kill(sentinel.replica.proc.pid, signal.SIGSTOP)
+            try:
+                with caplog.at_level(logging.WARNING, logger="ormcache"):
+                    start = time.perf_counter()
+                    waiting.bump(["t:a"])
+                    assert time.perf_counter() - start >= 0.14
+                    start = time.perf_counter()
+                    eager.bump(["t:a"])
+                    assert time.perf_counter() - start < 0.14
+            finally:
+                os.kill(sentinel.replica.proc.pid, signal.SIGCONT)
+            assert "0 of 1 replicas acknowledged" in caplog.text
+        finally:
+            waiting.close()
+            eager.close()
+
+
+class TestClusterBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, cluster: ClusterSetup, namespace: str) -> Iterator[RedisClusterBackend]:
+        backend = RedisClusterBackend.from_url(cluster.url, namespace)
+        yield backend
+        backend.clear()
+        backend.close()
+
+    @pytest.fixture
+    def make_backend(self, cluster: ClusterSetup, namespace: str) -> Iterator[Any]:
+        made: list[RedisClusterBackend] = []
+
+        def make() -> RedisClusterBackend:
+            made.append(RedisClusterBackend.from_url(cluster.url, namespace))
+            return made[-1]
+
+        yield make
+        for b in made:
+            b.close()
+
+    def test_tags_spread_over_slots_and_nodes(
+        self, cluster: ClusterSetup, backend: RedisClusterBackend
+    ) -> None:
+        """Generation keys of different tags land on different slots and on every node,
+        not pinned to one; a tag's generation and lease share a slot (its scripts are
+        atomic)."""
+        tags = [f"t:table{i}" for i in range(30)]
+        assert backend.snapshot(tags) is not None
+        backend.acquire_lease(tags[:1], "w", 5.0)
+        client = backend.client
+        slots = {client.keyslot(backend._gen_key(t)) for t in tags}
+        assert len(slots) >= 25
+        assert client.keyslot(backend._gen_key(tags[0])) == client.keyslot(
+            backend._lease_key(tags[0])
+        )
+        per_node = []
+        for node in cluster.nodes:
+            direct = node.client()
+            per_node.append(len(list(direct.scan_iter(match=f"{{{backend.namespace}:*}}:g"))))
+            direct.close()
+        assert sum(per_node) == 30
+        assert all(n > 0 for n in per_node), per_node
+        backend.release_lease(tags[:1], "w")
+
+    def test_entry_rewritten_with_other_tags(self, backend: RedisClusterBackend) -> None:
+        """A process that learned an entry's tags still checks the right generations
+        after another process rewrote the entry with other tags."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        assert backend.set("k", b"one", 60, snap)
+        assert backend.get("k") == b"one"
+        other = RedisClusterBackend(backend.client, backend.namespace)
+        snap = other.snapshot(["t:b"])
+        assert snap is not None
+        assert other.set("k", b"two", 60, snap)
+        backend.bump(["t:b"])
+        assert backend.get("k") is None
+        assert other.get("k") is None
+
+
+@pytest.fixture(params=["sentinel", "cluster"])
+def topology_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "sentinel":
+        setup: SentinelSetup = request.getfixturevalue("sentinel")
+        return setup.url()
+    cluster: ClusterSetup = request.getfixturevalue("cluster")
+    return cluster.url
+
+
+def test_orm_guarantees_end_to_end(topology_url: str, sqlite_engine: Any, namespace: str) -> None:
+    """Memoize and FromCache through Sentinel and Cluster: a hit runs no SQL and equals
+    a fresh read; a commit invalidates both (the database is the oracle)."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=3)
+    cache = Cache(topology_url, namespace=namespace, strict=True)
+    cache.attach(Session)
+    counter = SQLCounter(sqlite_engine)
+    name_of = lookup_fn(cache, Session)
+    stmt = select(User).where(User.api_key_hash == key_hash(keys[1])).options(FromCache(ttl=60))
+    try:
+        assert name_of(keys[0]) == "user0"
+        with Session() as s:
+            assert s.scalars(stmt).one().name == "user1"
+        counter.reset()
+        assert name_of(keys[0]) == "user0"
+        with Session() as s:
+            hit = s.scalars(stmt).one()
+            assert hit.name == "user1"
+        assert counter.count == 0
+        with Session() as s:
+            fresh = s.get(User, hit.id)
+            assert fresh is not None
+            assert (hit.email, hit.balance, hit.created_at) == (
+                fresh.email,
+                fresh.balance,
+                fresh.created_at,
+            )
+        with Session() as s:
+            for user in s.scalars(select(User)):
+                user.name = f"renamed-{user.name}"
+            s.commit()
+        assert name_of(keys[0]) == "renamed-user0"
+        with Session() as s:
+            assert s.scalars(stmt).one().name == "renamed-user1"
+        stats = cache.stats()
+        assert stats.hits >= 2
+        assert stats.errors == 0
+    finally:
+        cache.clear()
+        cache.close()
+
+
+@pytest.mark.slow
+def test_sentinel_failover_under_load(tmp_path: Path, sqlite_engine: Any) -> None:
+    """The master dies under four serving threads and a writer: no call fails, no answer
+    is older than a commit that returned before the call began, and after Sentinel
+    promotes the replica the cache serves hits again (from the new master)."""
+    setup = SentinelSetup(tmp_path / "failover")
+    setup.start()
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=4)
+    cache = Cache(
+        setup.url(),
+        namespace="failover",
+        socket_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        breaker_cooldown=0.3,
+    )
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    # The version each user's name had when its last commit returned.
+    committed = dict.fromkeys(range(4), 0)
+    failures: list[BaseException] = []
+    stale: list[tuple[int, int, str | None]] = []
+    stop = threading.Event()
+
+    def reader(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            idx = i % 4
+            floor = committed[idx]  # read before the call starts
+            try:
+                got = name_of(keys[idx])
+            except BaseException as exc:
+                failures.append(exc)
+                continue
+            version = int(got.rpartition("#")[2]) if got and "#" in got else 0
+            if version < floor:
+                stale.append((idx, floor, got))
+            i += 1
+
+    def writer() -> None:
+        version = 0
+        while not stop.is_set():
+            version += 1
+            idx = version % 4
+            try:
+                with Session() as s:
+                    user = s.scalars(
+                        select(User).where(User.api_key_hash == key_hash(keys[idx]))
+                    ).one()
+                    user.name = f"user{idx}#{version}"
+                    s.commit()
+            except BaseException as exc:
+                failures.append(exc)
+                continue
+            committed[idx] = version
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    threads.append(threading.Thread(target=writer))
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        old_master = setup.master.port
+        setup.master.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and setup.current_master_port() == old_master:
+            time.sleep(0.1)
+        assert setup.current_master_port() == setup.replica.port, "Sentinel did not fail over"
+        hits_after = cache.stats().hits
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and cache.stats().hits <= hits_after + 20:
+            time.sleep(0.1)
+        assert cache.stats().hits > hits_after + 20, "caching did not resume after failover"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        cache.close()
+        setup.stop()
+    assert failures == []
+    assert stale == []
+    assert cache.stats().errors > 0  # the outage was seen, and absorbed
+
+
+def test_sentinel_url_parsing() -> None:
+    target = parse_sentinel_url(
+        "redis+sentinel://:s%40cret@10.0.0.1:26380,[::1],sentinel-3/main/2"
+        "?sentinel_password=x&wait_replicas=2&wait_timeout=0.5"
+    )
+    assert target.hosts == [("10.0.0.1", 26380), ("::1", 26379), ("sentinel-3", 26379)]
+    assert (target.service, target.db, target.password, target.username) == (
+        "main",
+        2,
+        "s@cret",
+        None,
+    )
+    assert (target.sentinel_password, target.wait_replicas, target.wait_timeout) == (
+        "x",
+        2,
+        0.5,
+    )
+    assert parse_sentinel_url("redis+sentinel://h/svc").db == 0
+    assert parse_sentinel_url("redis+sentinel://h/svc").wait_replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://:hunter2@h:26379", "must name the master's service"),
+        ("redis+sentinel://:hunter2@h:26379/svc?waitreplicas=1", "unknown options"),
+        ("redis+sentinel://:hunter2@h:x/svc", "bad port"),
+        ("redis+sentinel://:hunter2@h/svc?wait_replicas=-1", "wait_replicas must be"),
+        ("redis+sentinel://:hunter2@h/svc?wait_timeout=0.3", "must be below socket_timeout"),
+        ("redis+cluster://:hunter2@h:7000/0", "no /db path"),
+        ("redis+cluster://:hunter2@h:7000?db=1", "takes hosts and"),
+    ],
+)
+def test_bad_topology_urls_say_what_is_wrong(url: str, message: str) -> None:
+    """A bad URL fails at construction, says what to write instead, and never echoes
+    the password."""
+    with pytest.raises(ConfigurationError, match=message) as info:
+        create_backend(url, "n")
+    assert "hunter2" not in str(info.value)
+
+
+def test_cluster_refuses_braces_in_namespace() -> None:
+    client = redis.RedisCluster.__new__(redis.RedisCluster)  # never connects
+    with pytest.raises(ConfigurationError, match="braces"):
+        RedisClusterBackend(client, "a{b}")
