@@ -346,3 +346,22 @@ def test_cluster_refuses_braces_in_namespace() -> None:
     client = redis.RedisCluster.__new__(redis.RedisCluster)  # never connects
     with pytest.raises(ConfigurationError, match="braces"):
         RedisClusterBackend(client, "a{b}")
+
+
+def test_unreachable_cluster_at_start_up_is_an_outage_not_a_crash(sqlite_engine: Any) -> None:
+    """A RedisCluster client connects as it is built; the cache must still start, and
+    calls go to the database, while no node answers."""
+    from tests.redis_procs import free_port
+
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=1)
+    cache = Cache(f"redis+cluster://127.0.0.1:{free_port()}", namespace="down")
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of(keys[0]) == "user0"
+    with Session() as s:
+        s.scalars(select(User)).one().name = "renamed"
+        s.commit()
+    assert name_of(keys[0]) == "renamed"
+    assert cache.stats().errors >= 1
+    cache.close()

@@ -30,7 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["AsyncBackend", "Backend", "Snapshot"]
+__all__ = ["AsyncBackend", "Backend", "Snapshot", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """The URL without its credentials, for error messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,12 +26,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ormcache.errors import BackendError, ConfigurationError
 
-from .base import Snapshot
+from .base import Snapshot, redact_url
 
 __all__ = ["RedisBackend", "SentinelTarget", "parse_sentinel_url"]
 
@@ -211,7 +211,7 @@ def run_redis(where: str, what: str, call: Callable[[], T]) -> T:
             f"{where} refused or dropped the connection during {what} ({exc}); "
             "check that it is running and that ORMCACHE_URL points at it"
         ) from exc
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendError(f"{where} failed {what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -242,11 +242,11 @@ def split_hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int
             port = int(port_text) if port_text else default_port
         except ValueError:
             raise ConfigurationError(
-                f"bad port {port_text!r} in cache URL {_redacted(url)!r}"
+                f"bad port {port_text!r} in cache URL {redact_url(url)!r}"
             ) from None
         hosts.append((host or "127.0.0.1", port))
     if not hosts:
-        raise ConfigurationError(f"cache URL {_redacted(url)!r} names no host")
+        raise ConfigurationError(f"cache URL {redact_url(url)!r} names no host")
     return hosts
 
 
@@ -257,12 +257,6 @@ def split_userinfo(netloc: str) -> tuple[str | None, str | None, str]:
     userinfo, _, rest = netloc.rpartition("@")
     user, sep, password = userinfo.partition(":")
     return (unquote(user) or None), (unquote(password) if sep else None), rest
-
-
-def _redacted(url: str) -> str:
-    """The URL without its credentials, for error messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
 
 
 @dataclass(frozen=True)
@@ -284,14 +278,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
         raise ConfigurationError(
-            f"{_redacted(url)!r} must name the master's service after the hosts, e.g. "
+            f"{redact_url(url)!r} must name the master's service after the hosts, e.g. "
             "redis+sentinel://127.0.0.1:26379/mymaster/0"
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(query) - {"sentinel_password", "wait_replicas", "wait_timeout"}
     if unknown:
         raise ConfigurationError(
-            f"unknown options {sorted(unknown)} in {_redacted(url)!r}; "
+            f"unknown options {sorted(unknown)} in {redact_url(url)!r}; "
             "known: sentinel_password, wait_replicas, wait_timeout"
         )
     try:
@@ -299,10 +293,10 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         wait_replicas = int(query.get("wait_replicas", "1"))
         wait_timeout = float(query.get("wait_timeout", "0.1"))
     except ValueError as exc:
-        raise ConfigurationError(f"bad number in cache URL {_redacted(url)!r}: {exc}") from None
+        raise ConfigurationError(f"bad number in cache URL {redact_url(url)!r}: {exc}") from None
     if wait_replicas < 0 or wait_timeout <= 0:
         raise ConfigurationError(
-            f"wait_replicas must be >= 0 and wait_timeout > 0 seconds in {_redacted(url)!r}"
+            f"wait_replicas must be >= 0 and wait_timeout > 0 seconds in {redact_url(url)!r}"
         )
     return SentinelTarget(
         hosts=hosts,

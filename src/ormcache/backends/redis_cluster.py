@@ -25,6 +25,7 @@ trips the first time); a store is two; commands never use ``KEYS`` or cross-slot
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +36,7 @@ from redis.retry import Retry
 
 from ormcache.errors import ConfigurationError
 
-from .base import Snapshot
+from .base import Snapshot, redact_url
 from .redis import (
     _ACQUIRE,
     _BUMP,
@@ -48,7 +49,6 @@ from .redis import (
     _check_tag,
     _fresh,
     _parse_entry,
-    _redacted,
     run_redis,
     split_hosts,
     split_userinfo,
@@ -77,7 +77,7 @@ class RedisClusterBackend:
 
     def __init__(
         self,
-        client: RedisCluster,
+        client: RedisCluster | Callable[[], RedisCluster],
         namespace: str,
         *,
         generation_ttl: float = 86400.0,
@@ -88,7 +88,16 @@ class RedisClusterBackend:
                 f"namespace {namespace!r} must not contain braces on Redis Cluster: they "
                 "would pick the hash slot of every key"
             )
-        self.client = client
+        # A RedisCluster connects as it is built. Built on first use instead, inside the
+        # error handling, so an unreachable cluster at start-up is an outage the cache
+        # rides out, not an application that fails to start.
+        self._client: RedisCluster | None = None
+        self._factory: Callable[[], RedisCluster] | None = None
+        if isinstance(client, RedisCluster):
+            self._client = client
+        else:
+            self._factory = client
+        self._client_lock = threading.Lock()
         self.namespace = namespace
         self.where = where
         self._gen_ttl_ms = str(int(generation_ttl * 1000))
@@ -116,23 +125,38 @@ class RedisClusterBackend:
         unknown = set(query) - {"ssl"}
         if unknown or parts.path.strip("/"):
             raise ConfigurationError(
-                f"{_redacted(url)!r}: a cluster URL takes hosts and ?ssl=true only (a "
+                f"{redact_url(url)!r}: a cluster URL takes hosts and ?ssl=true only (a "
                 "cluster has one database, so no /db path)"
             )
-        client = RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in hosts],  # type: ignore[no-untyped-call]
-            username=username,
-            password=password,
-            ssl=query.get("ssl", "false").lower() in ("1", "true", "yes"),
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            # One attempt, as on a single server: each retry would add a timeout to a
-            # request. Redirections after a resharding are still followed.
-            retry=Retry(NoBackoff(), 0),
-            **options,
-        )
+        ssl = query.get("ssl", "false").lower() in ("1", "true", "yes")
+
+        def connect() -> RedisCluster:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in hosts],  # type: ignore[no-untyped-call]
+                username=username,
+                password=password,
+                ssl=ssl,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                # One attempt, as on a single server: each retry would add a timeout to a
+                # request. Redirections after a resharding are still followed.
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+
         where = "Redis Cluster at " + ",".join(f"{h}:{p}" for h, p in hosts)
-        return cls(client, namespace, generation_ttl=generation_ttl, where=where)
+        return cls(connect, namespace, generation_ttl=generation_ttl, where=where)
+
+    @property
+    def client(self) -> RedisCluster:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    assert self._factory is not None
+                    self._client = self._factory()
+                client = self._client
+        return client
 
     # -- layout -----------------------------------------------------------------------
     def _gen_key(self, tag: str) -> str:
@@ -280,4 +304,5 @@ class RedisClusterBackend:
         self._run("clear", run)
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
