@@ -1,0 +1,156 @@
+"""``ormcache``: operate on a shared cache from a shell, next to the application.
+
+Writes that ormcache cannot see (a migration, a SQL console, another service) are only
+bounded by the TTL; ``ormcache invalidate`` closes that gap from the same deploy script
+that ran them. The commands talk to the backend the application uses (``--url`` or
+``ORMCACHE_URL``) in its namespace; they never print the URL's password.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+try:
+    import click
+except ImportError:  # pragma: no cover - depends on the environment
+    click = None  # type: ignore[assignment]
+
+from .backends import Backend, create_backend
+from .backends.base import redact_url
+from .errors import BackendError, ConfigurationError
+from .protocol import NAMESPACE_TAG
+from .tags import tags_for_target
+
+__all__ = ["main"]
+
+
+def _backend(ctx: Any) -> Backend:
+    url: str | None = ctx.obj["url"]
+    if not url:
+        raise click.UsageError(
+            "no cache URL: pass --url redis://host:6379/0 or set ORMCACHE_URL to the URL "
+            "your application uses"
+        )
+    if url.split("://", 1)[0].lower() == "memory":
+        raise click.UsageError(
+            "memory:// lives inside one application process, out of this command's reach; "
+            "pass the Redis URL your application uses"
+        )
+    try:
+        return create_backend(url, ctx.obj["namespace"])
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _fail(what: str, exc: BackendError) -> None:
+    raise click.ClickException(f"{what} failed: {exc}")
+
+
+def _build() -> Any:
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option(
+        "--url",
+        envvar="ORMCACHE_URL",
+        metavar="URL",
+        help="the cache URL (redis://, rediss://, redis+sentinel://, redis+cluster://); "
+        "default: $ORMCACHE_URL",
+    )
+    @click.option(
+        "--namespace",
+        envvar="ORMCACHE_NAMESPACE",
+        default="ormcache",
+        show_default=True,
+        help="the application's namespace; default: $ORMCACHE_NAMESPACE",
+    )
+    @click.pass_context
+    def cli(ctx: Any, url: str | None, namespace: str) -> None:
+        """Operate on the cache an application shares through Redis."""
+        ctx.obj = {"url": url, "namespace": namespace}
+
+    @cli.command()
+    @click.option("-n", "--count", default=5, show_default=True, help="round trips to time")
+    @click.pass_context
+    def ping(ctx: Any, count: int) -> None:
+        """Check that the backend answers, and time a hit's round trip."""
+        backend = _backend(ctx)
+        try:
+            times = []
+            for _ in range(max(1, count)):
+                start = time.perf_counter()
+                backend.get("ormcache-cli-ping")
+                times.append(time.perf_counter() - start)
+        except BackendError as exc:
+            _fail("ping", exc)
+        finally:
+            backend.close()
+        median = statistics.median(times) * 1e6
+        click.echo(
+            f"ok: {redact_url(ctx.obj['url'])} namespace {ctx.obj['namespace']!r}, "
+            f"read round trip {median:.0f} µs (median of {len(times)})"
+        )
+
+    @cli.command()
+    @click.argument("tables", nargs=-1)
+    @click.option("--all", "everything", is_flag=True, help="everything in the namespace")
+    @click.pass_context
+    def invalidate(ctx: Any, tables: tuple[str, ...], everything: bool) -> None:
+        """Invalidate what read TABLES (``schema.table`` for another schema), after
+        writes ormcache could not see. Entries stay in Redis but are never served."""
+        if not tables and not everything:
+            raise click.UsageError("name the tables that changed, or pass --all")
+        from sqlalchemy import MetaData, Table
+
+        bump: set[str] = set()
+        metadata = MetaData()
+        for name in tables:
+            schema, _, table = name.rpartition(".")
+            bump |= tags_for_target(Table(table, metadata, schema=schema or None))
+        if everything:
+            bump.add(NAMESPACE_TAG)
+        backend = _backend(ctx)
+        try:
+            backend.bump(sorted(bump))
+        except BackendError as exc:
+            _fail("invalidate", exc)
+        finally:
+            backend.close()
+        what = "everything" if everything else ", ".join(tables)
+        click.echo(f"invalidated {what} in namespace {ctx.obj['namespace']!r}")
+
+    @cli.command()
+    @click.option("--yes", is_flag=True, help="do not ask for confirmation")
+    @click.pass_context
+    def clear(ctx: Any, yes: bool) -> None:
+        """Delete every entry and generation of the namespace (SCAN + UNLINK, in
+        batches; other namespaces and in-flight commits' leases are untouched)."""
+        namespace = ctx.obj["namespace"]
+        if not yes:
+            click.confirm(
+                f"delete every cache entry of namespace {namespace!r} at "
+                f"{redact_url(ctx.obj['url'] or '')}?",
+                abort=True,
+            )
+        backend = _backend(ctx)
+        click.echo(f"clearing namespace {namespace!r}...", err=True)
+        start = time.monotonic()
+        try:
+            # Entries left by a process that has not heard of the clear yet must not
+            # come back: bumping the namespace tag invalidates them too.
+            backend.clear()
+            backend.bump([NAMESPACE_TAG])
+        except BackendError as exc:
+            _fail("clear", exc)
+        finally:
+            backend.close()
+        click.echo(f"cleared namespace {namespace!r} in {time.monotonic() - start:.1f} s")
+
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    if click is None:  # pragma: no cover - depends on the environment
+        sys.exit("the ormcache command needs click: pip install 'ormcache[cli]'")
+    _build()(args=argv, prog_name="ormcache")

@@ -1,0 +1,132 @@
+"""The ``ormcache`` command against real Redis: what it does to a running application's
+cache, and what it says when it cannot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import Cache
+from ormcache.cli import _build
+from tests.fault_workers import lookup_fn
+from tests.models import seed
+
+
+def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> Any:
+    return CliRunner().invoke(_build(), list(args), env=env, input=stdin)
+
+
+@pytest.fixture
+def app(redis_url: str, namespace: str, sqlite_engine: Any) -> Any:
+    """An application's memoized lookup, warmed, plus a way to write behind its back."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    cache = Cache(redis_url, namespace=namespace)
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of(keys[0]) == "user0"
+    assert name_of(keys[0]) == "user0"
+    assert cache.stats().hits == 1
+
+    def write_outside() -> None:
+        with sqlite_engine.begin() as conn:  # not attached: ormcache cannot see it
+            conn.execute(text("UPDATE oc_users SET name = 'changed-' || name"))
+
+    yield name_of, keys, write_outside, cache
+    cache.clear()
+    cache.close()
+
+
+def test_invalidate_a_table_after_an_outside_write(
+    app: Any, redis_url: str, namespace: str
+) -> None:
+    name_of, keys, write_outside, _ = app
+    write_outside()
+    assert name_of(keys[0]) == "user0"  # the write was invisible: served from cache
+    result = run("--url", redis_url, "--namespace", namespace, "invalidate", "oc_users")
+    assert result.exit_code == 0, result.output
+    assert "invalidated oc_users" in result.output
+    assert name_of(keys[0]) == "changed-user0"
+
+
+def test_invalidating_another_table_leaves_entries(
+    app: Any, redis_url: str, namespace: str
+) -> None:
+    name_of, keys, write_outside, _ = app
+    write_outside()
+    result = run("--url", redis_url, "--namespace", namespace, "invalidate", "oc_addresses")
+    assert result.exit_code == 0, result.output
+    assert name_of(keys[0]) == "user0"
+
+
+def test_invalidate_all_and_env_configuration(app: Any, redis_url: str, namespace: str) -> None:
+    name_of, keys, write_outside, _ = app
+    write_outside()
+    env = {"ORMCACHE_URL": redis_url, "ORMCACHE_NAMESPACE": namespace}
+    result = run("invalidate", "--all", env=env)
+    assert result.exit_code == 0, result.output
+    assert name_of(keys[0]) == "changed-user0"
+
+
+def test_clear_asks_then_empties_the_namespace(app: Any, redis_url: str, namespace: str) -> None:
+    name_of, keys, write_outside, cache = app
+    write_outside()
+    refused = run("--url", redis_url, "--namespace", namespace, "clear", stdin="n\n")
+    assert refused.exit_code == 1
+    assert name_of(keys[0]) == "user0"
+    result = run("--url", redis_url, "--namespace", namespace, "clear", stdin="y\n")
+    assert result.exit_code == 0, result.output
+    assert "cleared namespace" in result.output
+    assert not list(cache.backend.client.scan_iter(f"{namespace}:e:*"))
+    assert name_of(keys[0]) == "changed-user0"
+
+
+def test_ping_reports_without_the_password(redis_url: str, namespace: str) -> None:
+    url = redis_url.replace("redis://", "redis://:hunter2@")
+    result = run("--url", url, "--namespace", namespace, "ping", "-n", "3")
+    # Whatever the server makes of the password, it never appears in the output.
+    assert "hunter2" not in result.output
+    ok = run("--url", redis_url, "--namespace", namespace, "ping", "-n", "3")
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith("ok: redis://127.0.0.1:6379")
+    assert "median of 3" in ok.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["invalidate", "users"], "no cache URL"),
+        (["--url", "memory://", "invalidate", "users"], "memory:// lives inside one"),
+        (["--url", "memcached://x", "invalidate", "users"], "unsupported cache URL scheme"),
+        (["--url", "redis://127.0.0.1:6379/0", "invalidate"], "name the tables"),
+    ],
+)
+def test_usage_errors_say_what_to_do(args: list[str], message: str) -> None:
+    result = run(*args, env={"ORMCACHE_URL": ""})
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_unreachable_redis_is_a_clear_failure() -> None:
+    from tests.redis_procs import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run("--url", url, "invalidate", "users")
+    assert result.exit_code == 1
+    assert "invalidate failed" in result.output
+    assert "check that it is running" in result.output
+
+
+def test_the_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "ormcache"  # the environment running the tests
+    assert exe.exists(), "pip install -e '.[cli]' installs the ormcache command"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    for command in ("ping", "invalidate", "clear"):
+        assert command in out.stdout
