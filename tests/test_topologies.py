@@ -365,3 +365,54 @@ def test_unreachable_cluster_at_start_up_is_an_outage_not_a_crash(sqlite_engine:
     assert name_of(keys[0]) == "renamed"
     assert cache.stats().errors >= 1
     cache.close()
+
+
+def test_sentinel_on_an_event_loop(sentinel: SentinelSetup, tmp_path: Path) -> None:
+    """An async memoized function through Sentinel: the event loop's redis.asyncio twin
+    finds the master through the Sentinels too, and never touches the sync client."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from tests.models import Base
+
+    sync_engine = create_engine_for(tmp_path)
+    Base.metadata.create_all(sync_engine)
+    keys = seed(sessionmaker(sync_engine), n=1)
+    cache = Cache(sentinel.url(), namespace="sentinel-aio", strict=True)
+
+    async def scenario() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+        Session = async_sessionmaker(engine, expire_on_commit=False)
+        cache.attach(Session)
+
+        @cache.memoize(ttl=60)
+        async def name_of(api_key: str) -> str:
+            async with Session() as s:
+                stmt = select(User).where(User.api_key_hash == key_hash(api_key))
+                return (await s.scalars(stmt)).one().name
+
+        assert await name_of(keys[0]) == "user0"
+        assert await name_of(keys[0]) == "user0"
+        async with Session() as s:
+            (await s.scalars(select(User))).one().name = "renamed"
+            await s.commit()
+        assert await name_of(keys[0]) == "renamed"
+        await engine.dispose()
+
+    try:
+        asyncio.run(scenario())
+        assert cache.stats().hits == 1
+        assert cache.stats().errors == 0
+        backend: Any = cache.backend
+        assert backend.client.connection_pool._created_connections == 0
+    finally:
+        cache.clear()
+        cache.close()
+        sync_engine.dispose()
+
+
+def create_engine_for(tmp_path: Path) -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(f"sqlite:///{tmp_path}/t.db")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Iterable
+from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from sqlalchemy import inspect
@@ -13,7 +14,7 @@ from .backends import Backend, create_backend
 from .breaker import CircuitBreaker
 from .codec import Adopter, Codec
 from .errors import ConfigurationError
-from .memoize import Memoized, MergeTarget
+from .memoize import AsyncMemoized, Memoized, MergeTarget
 from .protocol import NAMESPACE_TAG, Guard, ReadContext
 from .stats import Stats, StatsSnapshot
 
@@ -222,7 +223,8 @@ class Cache:
             raise ConfigurationError(f"memoize ttl must be positive seconds, got {chosen!r}")
 
         def decorate(func: Callable[P, R]) -> Memoized[P, R]:
-            memoized = Memoized(
+            kind = AsyncMemoized if iscoroutinefunction(func) else Memoized
+            memoized = kind(
                 self,
                 func,
                 ttl=chosen if chosen is not None else self.default_ttl,

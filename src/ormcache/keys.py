@@ -23,6 +23,12 @@ __all__ = ["ArgumentKeyer", "function_prefix", "hash_bytes"]
 # Arguments that say *where* to read, not *what*: they never change the result's
 # identity, and they have no stable value to hash.
 _SESSION_TYPES: tuple[type, ...] = (Session, scoped_session, Connection)
+try:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+
+    _SESSION_TYPES += (AsyncSession, async_scoped_session, AsyncConnection)
+except ImportError:  # pragma: no cover - depends on the SQLAlchemy build
+    pass
 _SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
 
 

@@ -10,6 +10,7 @@ stored as current.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import random
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from .aio import await_only, greenlet_spawn, in_bridge, pause, wait_for
 from .errors import CorruptPayloadError, UncacheableValueError
 from .keys import ArgumentKeyer, function_prefix
 from .protocol import (
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
     from .cache import Cache
 
-__all__ = ["Memoized"]
+__all__ = ["AsyncMemoized", "Memoized"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -83,6 +85,8 @@ class Memoized(Generic[P, R]):
         self.prefix = function_prefix(fn, version)
         self._ignore = tuple(ignore)
         self._keyer = ArgumentKeyer(fn, self.prefix, cache.codec, ignore)
+        self._is_async = inspect.iscoroutinefunction(fn)
+        self._tasks: set[object] = set()  # background refreshes on an event loop
         self._warned_uncacheable = False
         self._flights: dict[str, threading.Event] = {}
         self._flights_lock = threading.Lock()
@@ -168,6 +172,16 @@ class Memoized(Generic[P, R]):
         with self._flights_lock:
             if key in self._flights:
                 return
+        if in_bridge():
+            # On an event loop the refresh is a task of that loop, like the call itself.
+            import asyncio
+
+            task = asyncio.get_running_loop().create_task(
+                greenlet_spawn(self._refresh, key, args, kwargs)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         thread = threading.Thread(
             target=self._refresh, args=(key, args, kwargs), name="ormcache-refresh", daemon=True
         )
@@ -201,7 +215,7 @@ class Memoized(Generic[P, R]):
         if not leader:
             if refresh:
                 return None  # type: ignore[return-value]
-            flight.wait(cache.lock_wait)
+            wait_for(flight, cache.lock_wait)
             found, value = self._lookup(key, args, kwargs)
             return value if found else self._compute(key, args, kwargs)  # type: ignore[return-value]
         try:
@@ -210,10 +224,10 @@ class Memoized(Generic[P, R]):
             taken = cache.guard.lock(lock_key, token, cache.lock_ttl)
             if taken is False:
                 deadline = time.monotonic() + cache.lock_wait
-                pause = 0.005
+                delay = 0.005
                 while time.monotonic() < deadline:
-                    time.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+                    pause(delay)
+                    delay = min(delay * 2, 0.05)
                     if refresh:
                         return None  # type: ignore[return-value]
                     found, value = self._lookup(key, args, kwargs)
@@ -253,7 +267,7 @@ class Memoized(Generic[P, R]):
         token = push_reads(ctx)
         started = time.perf_counter()
         try:
-            value = self._fn(*args, **kwargs)
+            value = self._invoke(args, kwargs)
         finally:
             pop_reads(token)
         took = time.perf_counter() - started
@@ -291,7 +305,15 @@ class Memoized(Generic[P, R]):
 
     def _uncacheable(self, exc: UncacheableValueError, args: Any, kwargs: Any) -> R:
         self._report_uncacheable(exc)
-        return self._fn(*args, **kwargs)
+        return self._invoke(args, kwargs)
+
+    def _invoke(self, args: Any, kwargs: Any) -> R:
+        value = self._fn(*args, **kwargs)
+        if self._is_async:
+            # Running in the bridge (see AsyncMemoized): the event loop runs the
+            # coroutine, and this greenlet resumes with its result.
+            value = await_only(value)  # type: ignore[arg-type]
+        return value
 
     def _report_uncacheable(self, exc: UncacheableValueError) -> None:
         self._cache.stats_counters.incr("uncacheable")
@@ -305,3 +327,26 @@ class Memoized(Generic[P, R]):
                 self.prefix,
                 exc,
             )
+
+
+class AsyncMemoized(Memoized[P, R]):
+    """A memoized ``async def``: calling it returns a coroutine, as the original does.
+
+    The lookup, the computation and the store run as the synchronous implementation
+    inside SQLAlchemy's greenlet bridge (``greenlet_spawn``): the function's coroutine
+    and every backend round trip are awaited on the event loop, and waits for another
+    task's computation yield to the loop instead of blocking it.
+    """
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._acall(args, kwargs)  # type: ignore[return-value]
+
+    async def _acall(self, args: Any, kwargs: Any) -> Any:
+        return await greenlet_spawn(self._bridged, args, kwargs)
+
+    def _bridged(self, args: Any, kwargs: Any) -> R:
+        token = begin_call()
+        try:
+            return self._call(args, kwargs)
+        finally:
+            end_call(token)

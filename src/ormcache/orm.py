@@ -504,8 +504,41 @@ def _attach_engine(cache: Cache, engine: Engine) -> None:
             release(record.info)
 
 
+def _sync_target(target: object) -> object:
+    """The sync object behind an asyncio one: SQLAlchemy runs an AsyncSession's ORM work
+    on a sync Session (in a greenlet), so that is where the hooks go. A sessionmaker's
+    or AsyncSession class's sync class is replaced by a subclass of its own, so only
+    sessions made there are tracked, as with a sync sessionmaker."""
+    try:
+        from sqlalchemy.ext.asyncio import (
+            AsyncEngine,
+            AsyncSession,
+            async_scoped_session,
+            async_sessionmaker,
+        )
+    except ImportError:  # pragma: no cover - depends on the SQLAlchemy build
+        return target
+    if isinstance(target, AsyncEngine):
+        return target.sync_engine
+    if isinstance(target, async_scoped_session):
+        target = target.session_factory
+    if isinstance(target, async_sessionmaker):
+        base = target.kw.get("sync_session_class") or Session
+        tracked = type(f"Tracked{base.__name__}", (base,), {})
+        target.kw["sync_session_class"] = tracked
+        return tracked
+    if isinstance(target, type) and issubclass(target, AsyncSession):
+        tracked = type(
+            f"Tracked{target.sync_session_class.__name__}", (target.sync_session_class,), {}
+        )
+        target.sync_session_class = tracked
+        return tracked
+    return target
+
+
 def attach(cache: Cache, target: object) -> None:
     _install_load_listeners()
+    target = _sync_target(target)
     if isinstance(target, Engine):
         _attach_engine(cache, target)
     elif isinstance(target, (sessionmaker, scoped_session)) or (
@@ -514,8 +547,8 @@ def attach(cache: Cache, target: object) -> None:
         _attach_session(cache, target)
     else:
         raise ConfigurationError(
-            f"cache.attach() takes a Session class, sessionmaker, scoped_session or Engine, "
-            f"got {target!r}"
+            "cache.attach() takes a Session class, sessionmaker, scoped_session or Engine, "
+            f"or their asyncio counterparts, got {target!r}"
         )
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from .aio import in_bridge
 from .backends.base import Backend, Snapshot
 from .breaker import CircuitBreaker
 from .errors import BackendError
@@ -167,6 +168,9 @@ class Guard:
 
     def __init__(self, backend: Backend, stats: Stats, breaker: CircuitBreaker) -> None:
         self.backend = backend
+        # A backend with a redis.asyncio twin per event loop (see ormcache.aio): used
+        # from inside SQLAlchemy's greenlet bridge, so an event loop never blocks on it.
+        self._on_loop: Callable[[], Backend] | None = getattr(backend, "for_event_loop", None)
         self.stats = stats
         self.breaker = breaker
         self.log = _RateLimitedLog()
@@ -184,6 +188,11 @@ class Guard:
         self._owed_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
+    def _b(self) -> Backend:
+        if self._on_loop is not None and in_bridge():
+            return self._on_loop()
+        return self.backend
+
     def _failed(self, op: str, exc: BackendError) -> None:
         _call_failed.set(True)
         self.stats.incr("errors")
@@ -207,10 +216,10 @@ class Guard:
             return True
         try:
             for token, tags in releases:
-                self.backend.release_lease(tags, token)
+                self._b().release_lease(tags, token)
                 with self._owed_lock:
                     self._owed_releases.pop(token, None)
-            self.backend.bump(owed)
+            self._b().bump(owed)
         except BackendError as exc:
             self._failed("bump", exc)
             return False
@@ -236,7 +245,9 @@ class Guard:
             if not self.usable():
                 return None
         try:
-            data = self.backend.get(key)
+            data = (
+                self.backend if self._on_loop is None or not in_bridge() else self._on_loop()
+            ).get(key)
         except BackendError as exc:
             self._failed("get", exc)
             return None
@@ -247,7 +258,7 @@ class Guard:
         if not self.usable():
             return None
         try:
-            snap = self.backend.snapshot(tags)
+            snap = self._b().snapshot(tags)
         except BackendError as exc:
             self._failed("snapshot", exc)
             return None
@@ -258,7 +269,7 @@ class Guard:
         if not self.usable():
             return False
         try:
-            stored = self.backend.set(key, payload, ttl, snap)
+            stored = self._b().set(key, payload, ttl, snap)
         except BackendError as exc:
             self._failed("set", exc)
             return False
@@ -268,7 +279,7 @@ class Guard:
 
     def delete(self, keys: Sequence[str]) -> None:
         try:
-            self.backend.delete(keys)
+            self._b().delete(keys)
         except BackendError as exc:
             self._failed("delete", exc)
 
@@ -280,7 +291,7 @@ class Guard:
         if self._owed_unlocks and not self._pay_unlocks():
             return None
         try:
-            taken = self.backend.lock(key, token, ttl)
+            taken = self._b().lock(key, token, ttl)
         except BackendError as exc:
             self._failed("lock", exc)
             return None
@@ -289,7 +300,7 @@ class Guard:
 
     def unlock(self, key: str, token: str) -> None:
         try:
-            self.backend.unlock(key, token)
+            self._b().unlock(key, token)
         except BackendError as exc:
             self._failed("unlock", exc)
             with self._owed_lock:
@@ -303,7 +314,7 @@ class Guard:
             owed = list(self._owed_unlocks.items())
         for key, token in owed:
             try:
-                self.backend.unlock(key, token)
+                self._b().unlock(key, token)
             except BackendError as exc:
                 self._failed("unlock", exc)
                 return False
@@ -322,14 +333,14 @@ class Guard:
             return
         self.stats.incr("invalidations")
         try:
-            self.backend.bump(tags)
+            self._b().bump(tags)
         except BackendError as exc:
             self._failed("bump", exc)
             self._owe(tags)
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
         try:
-            self.backend.acquire_lease(tags, token, ttl)
+            self._b().acquire_lease(tags, token, ttl)
         except BackendError as exc:
             self._failed("lease", exc)
             self._owe(tags)
@@ -343,7 +354,7 @@ class Guard:
             held = token in self._held
             self._held.discard(token)
         try:
-            self.backend.release_lease(tags, token)
+            self._b().release_lease(tags, token)
         except BackendError as exc:
             self._failed("release", exc)
             self._owe(tags)
@@ -357,7 +368,7 @@ class Guard:
 
     def clear(self) -> None:
         try:
-            self.backend.clear()
+            self._b().clear()
         except BackendError as exc:
             self._failed("clear", exc)
             self._owe([NAMESPACE_TAG])

@@ -310,6 +310,65 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
+def _connect(
+    url: str,
+    socket_timeout: float,
+    connect_timeout: float,
+    options: dict[str, Any],
+    *,
+    aio: bool,
+) -> tuple[Any, str, int, float]:
+    """(client, where, wait_replicas, wait_timeout) for a standalone or Sentinel URL,
+    with redis-py's sync or asyncio client: one place decides how both connect."""
+    client_lib: Any
+    retry_class: Any
+    sentinel_class: Any
+    if aio:
+        import redis.asyncio as client_lib
+        from redis.asyncio.retry import Retry as retry_class
+        from redis.asyncio.sentinel import Sentinel as sentinel_class
+    else:
+        client_lib = redis
+        retry_class = Retry
+        from redis.sentinel import Sentinel as sentinel_class
+    timeouts: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+    }
+    # No client-side retries: each would add another timeout to a request.
+    retry = retry_class(NoBackoff(), 0)
+    if url[:17].lower() != "redis+sentinel://":
+        parts = urlsplit(url)
+        where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
+        client = client_lib.Redis.from_url(url, retry=retry, **timeouts, **options)
+        return client, where, 0, 0.1
+    # Sentinel: every command goes to the master that the Sentinels name. A replica
+    # lags, and a hit served from one could be older than a commit that returned.
+    target = parse_sentinel_url(url)
+    if target.wait_replicas and target.wait_timeout >= socket_timeout:
+        raise ConfigurationError(
+            f"wait_timeout ({target.wait_timeout} s) must be below socket_timeout "
+            f"({socket_timeout} s), or the reply to WAIT times out first; lower it in "
+            "the cache URL or raise socket_timeout"
+        )
+    sentinel_kwargs: dict[str, Any] = dict(timeouts)
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = sentinel_class(target.hosts, sentinel_kwargs=sentinel_kwargs, **timeouts)
+    client = sentinel.master_for(
+        target.service,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        retry=retry,
+        **timeouts,
+        **options,
+    )
+    hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
+    where = f"Redis master {target.service!r} (Sentinel at {hosts})"
+    return client, where, target.wait_replicas, target.wait_timeout
+
+
 class _Lane(threading.local):
     """This thread's own connection for cache reads (see ``RedisBackend._read``)."""
 
@@ -359,6 +418,8 @@ class RedisBackend:
         self._lane_conns: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
         # Own read connections only beside a plain pool: a Sentinel or other managed pool
         # decides where connections go, so reads must go through it.
+        self._loop_factory: Callable[[], RedisBackend] | None = None
+        self._loop_twins: weakref.WeakKeyDictionary[Any, RedisBackend] = weakref.WeakKeyDictionary()
         self._own_reads = type(client.connection_pool) in (
             redis.ConnectionPool,
             redis.BlockingConnectionPool,
@@ -376,74 +437,43 @@ class RedisBackend:
         **options: Any,
     ) -> RedisBackend:
         """``redis://``, ``rediss://`` or ``redis+sentinel://``. Timeouts default low: a
-        cache that waits seconds for Redis is an outage."""
-        if url[:17].lower() == "redis+sentinel://":
-            return cls._sentinel_backend(
-                url, namespace, socket_timeout, connect_timeout, generation_ttl, options
+        cache that waits seconds for Redis is an outage. On an event loop (see
+        :mod:`ormcache.aio`) the same URL gets a ``redis.asyncio`` twin per loop."""
+
+        def build(aio: bool) -> RedisBackend:
+            client, where, wait_replicas, wait_timeout = _connect(
+                url, socket_timeout, connect_timeout, options, aio=aio
             )
-        parts = urlsplit(url)
-        where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            # No client-side retries: each would add another timeout to a request.
-            retry=Retry(NoBackoff(), 0),
-            **options,
-        )
-        return cls(client, namespace, generation_ttl=generation_ttl, where=where)
+            if aio:
+                from ormcache.aio import AwaitingRedis
 
-    @staticmethod
-    def _sentinel_backend(
-        url: str,
-        namespace: str,
-        socket_timeout: float,
-        connect_timeout: float,
-        generation_ttl: float,
-        options: dict[str, Any],
-    ) -> RedisBackend:
-        """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``.
-
-        Every command goes to the master that the Sentinels name: a replica may lag, and
-        a hit served from one could be older than a commit that already returned.
-        ``password`` in the URL is the master's; query options ``sentinel_password``,
-        ``wait_replicas`` (default 1) and ``wait_timeout`` (seconds, default 0.1).
-        """
-        from redis.sentinel import Sentinel
-
-        target = parse_sentinel_url(url)
-        if target.wait_replicas and target.wait_timeout >= socket_timeout:
-            raise ConfigurationError(
-                f"wait_timeout ({target.wait_timeout} s) must be below socket_timeout "
-                f"({socket_timeout} s), or the reply to WAIT times out first; lower it in "
-                "the cache URL or raise socket_timeout"
+                client = AwaitingRedis(client)
+            return cls(
+                client,
+                namespace,
+                generation_ttl=generation_ttl,
+                where=where,
+                wait_replicas=wait_replicas,
+                wait_timeout=wait_timeout,
             )
-        retry = Retry(NoBackoff(), 0)
-        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
-        sentinel_kwargs: dict[str, Any] = dict(timeouts)
-        if target.sentinel_password:
-            sentinel_kwargs["password"] = target.sentinel_password
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            target.hosts, sentinel_kwargs=sentinel_kwargs, **timeouts
-        )
-        client = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            retry=retry,
-            **timeouts,
-            **options,
-        )
-        hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
-        return RedisBackend(
-            client,
-            namespace,
-            generation_ttl=generation_ttl,
-            where=f"Redis master {target.service!r} (Sentinel at {hosts})",
-            wait_replicas=target.wait_replicas,
-            wait_timeout=target.wait_timeout,
-        )
+
+        backend = build(False)
+        backend._loop_factory = lambda: build(True)
+        return backend
+
+    def for_event_loop(self) -> RedisBackend:
+        """This backend as the running event loop should use it: the ``redis.asyncio``
+        twin made for that loop (asyncio clients belong to one loop), or itself when it
+        was built from a client rather than a URL."""
+        if self._loop_factory is None:
+            return self
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        twin = self._loop_twins.get(loop)
+        if twin is None:
+            twin = self._loop_twins[loop] = self._loop_factory()
+        return twin
 
     # -- plumbing ---------------------------------------------------------------------
     def _run(self, what: str, call: Callable[[], T]) -> T:
