@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["AsyncBackend", "Backend", "Snapshot", "redact_url"]
+__all__ = ["Backend", "Snapshot", "redact_url"]
 
 
 def redact_url(url: str) -> str:
@@ -65,7 +65,13 @@ class Snapshot:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Synchronous backend. Every method may raise ``BackendError`` (and only that)."""
+    """Every method may raise ``BackendError`` (and only that).
+
+    The same interface serves asyncio (see :mod:`ormcache.aio`): on an event loop the
+    methods run inside SQLAlchemy's greenlet bridge. A backend doing network I/O may
+    also offer ``for_event_loop() -> Backend``, a twin for the running loop whose I/O
+    is awaited there (``RedisBackend`` does); without it, calls on the loop block it.
+    """
 
     def get(self, key: str) -> bytes | None:
         """The payload stored under ``key`` if present, unexpired and still current."""
@@ -110,32 +116,3 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections; the backend is not used afterwards."""
         ...
-
-
-@runtime_checkable
-class AsyncBackend(Protocol):
-    """The asyncio twin of :class:`Backend`, with the same semantics."""
-
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def snapshot(self, tags: Sequence[str]) -> Snapshot | None: ...
-
-    async def set(
-        self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot
-    ) -> bool: ...
-
-    async def delete(self, keys: Sequence[str]) -> None: ...
-
-    async def bump(self, tags: Sequence[str]) -> None: ...
-
-    async def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None: ...
-
-    async def release_lease(self, tags: Sequence[str], token: str) -> None: ...
-
-    async def lock(self, key: str, token: str, ttl: float) -> bool: ...
-
-    async def unlock(self, key: str, token: str) -> None: ...
-
-    async def clear(self) -> None: ...
-
-    async def close(self) -> None: ...
