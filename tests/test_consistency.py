@@ -31,6 +31,13 @@ def test_no_stale_reads_across_processes(
     """3 readers and 2 writers in separate processes on one counter table: every read that
     starts after a writer published its committed version sees at least that version."""
     db_url = request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
+    race_across_processes(db_url, redis_url, namespace, mode, database)
+
+
+def race_across_processes(
+    db_url: str, cache_url: str, namespace: str, mode: str, label: str
+) -> None:
+    """The race itself, for any database and cache URL (Sentinel and Cluster run it too)."""
     n_rows = 4
     engine = create_engine(db_url)
     race_workers.Base.metadata.drop_all(engine)
@@ -47,7 +54,7 @@ def test_no_stale_reads_across_processes(
     writers = [
         ctx.Process(
             target=race_workers.writer,
-            args=(db_url, redis_url, namespace, published, stop, n_rows, i),
+            args=(db_url, cache_url, namespace, published, stop, n_rows, i),
         )
         for i in range(2)
     ]
@@ -56,7 +63,7 @@ def test_no_stale_reads_across_processes(
             target=race_workers.reader,
             args=(
                 db_url,
-                redis_url,
+                cache_url,
                 namespace,
                 mode,
                 published,
@@ -86,7 +93,7 @@ def test_no_stale_reads_across_processes(
     conflicts = sum(o[4] for o in outcomes)
     versions = [v.value for v in published]
     print(
-        f"\n{database}/{mode}: {reads} reads, {stale} stale, {hits} hits, "
+        f"\n{label}/{mode}: {reads} reads, {stale} stale, {hits} hits, "
         f"{conflicts} refused stores, committed versions {versions}"
     )
     race_workers.Base.metadata.drop_all(engine)

@@ -15,12 +15,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn
 
-__all__ = ["AwaitingRedis", "await_only", "greenlet_spawn", "in_bridge", "pause", "wait_for"]
+__all__ = [
+    "AwaitingCluster",
+    "AwaitingRedis",
+    "LoopTwins",
+    "await_only",
+    "greenlet_spawn",
+    "in_bridge",
+    "pause",
+    "wait_for",
+]
 
 try:
     from greenlet import getcurrent as _getcurrent  # type: ignore[import-untyped,unused-ignore]
@@ -34,6 +44,30 @@ def in_bridge() -> bool:
     return _getcurrent is not None and bool(
         getattr(_getcurrent(), "__sqlalchemy_greenlet_provider__", False)
     )
+
+
+B = TypeVar("B")
+
+
+class LoopTwins(Generic[B]):
+    """A backend's twins, one per event loop: asyncio clients belong to the loop that
+    made them. Without a factory (a backend built from a client, not a URL) the backend
+    serves every loop itself, synchronously."""
+
+    def __init__(self) -> None:
+        self.factory: Callable[[], B] | None = None
+        self._twins: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, B] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, owner: B) -> B:
+        if self.factory is None:
+            return owner
+        loop = asyncio.get_running_loop()
+        twin = self._twins.get(loop)
+        if twin is None:
+            twin = self._twins[loop] = self.factory()
+        return twin
 
 
 def pause(seconds: float) -> None:
@@ -120,6 +154,52 @@ class _AwaitingPipeline:
 
     def execute_command(self, *args: Any) -> None:
         self._pipe.execute_command(*args)
+
+    def execute(self) -> list[Any]:
+        return await_only(self._pipe.execute())
+
+
+class AwaitingCluster:
+    """``redis.asyncio.cluster.RedisCluster`` behind the calls the Cluster backend makes,
+    each awaited with ``await_only`` (see :class:`AwaitingRedis`)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def keyslot(self, key: Any) -> int:
+        return int(self._client.keyslot(key))
+
+    def get(self, name: Any) -> Any:
+        return await_only(self._client.get(name))
+
+    def set(self, *args: Any, **kwargs: Any) -> Any:
+        return await_only(self._client.set(*args, **kwargs))
+
+    def eval(self, *args: Any) -> Any:
+        return await_only(self._client.eval(*args))
+
+    def pipeline(self) -> _AwaitingClusterPipeline:
+        return _AwaitingClusterPipeline(self._client.pipeline())
+
+    def close(self) -> None:
+        if in_bridge():
+            await_only(self._client.aclose())
+
+
+class _AwaitingClusterPipeline:
+    """Commands queue synchronously on the asyncio pipeline; only ``execute`` awaits."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
 
     def execute(self) -> list[Any]:
         return await_only(self._pipe.execute())

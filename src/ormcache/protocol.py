@@ -367,8 +367,10 @@ class Guard:
                 self._owed_releases[token] = tuple(tags)
 
     def clear(self) -> None:
+        # An administrative sweep, reached only from the sync cache.clear(): always the
+        # sync backend (an event loop's twin need not implement it).
         try:
-            self._b().clear()
+            self.backend.clear()
         except BackendError as exc:
             self._failed("clear", exc)
             self._owe([NAMESPACE_TAG])

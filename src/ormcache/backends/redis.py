@@ -29,6 +29,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
+from ormcache.aio import LoopTwins
 from ormcache.errors import BackendError, ConfigurationError
 
 from .base import Snapshot, redact_url
@@ -418,8 +419,7 @@ class RedisBackend:
         self._lane_conns: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
         # Own read connections only beside a plain pool: a Sentinel or other managed pool
         # decides where connections go, so reads must go through it.
-        self._loop_factory: Callable[[], RedisBackend] | None = None
-        self._loop_twins: weakref.WeakKeyDictionary[Any, RedisBackend] = weakref.WeakKeyDictionary()
+        self._twins: LoopTwins[RedisBackend] = LoopTwins()
         self._own_reads = type(client.connection_pool) in (
             redis.ConnectionPool,
             redis.BlockingConnectionPool,
@@ -458,22 +458,14 @@ class RedisBackend:
             )
 
         backend = build(False)
-        backend._loop_factory = lambda: build(True)
+        backend._twins.factory = lambda: build(True)
         return backend
 
     def for_event_loop(self) -> RedisBackend:
         """This backend as the running event loop should use it: the ``redis.asyncio``
         twin made for that loop (asyncio clients belong to one loop), or itself when it
         was built from a client rather than a URL."""
-        if self._loop_factory is None:
-            return self
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        twin = self._loop_twins.get(loop)
-        if twin is None:
-            twin = self._loop_twins[loop] = self._loop_factory()
-        return twin
+        return self._twins.get(self)
 
     # -- plumbing ---------------------------------------------------------------------
     def _run(self, what: str, call: Callable[[], T]) -> T:

@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from ormcache.aio import LoopTwins
 from ormcache.errors import ConfigurationError
 
 from .base import Snapshot, redact_url
@@ -77,7 +78,7 @@ class RedisClusterBackend:
 
     def __init__(
         self,
-        client: RedisCluster | Callable[[], RedisCluster],
+        client: RedisCluster | Callable[[], Any],
         namespace: str,
         *,
         generation_ttl: float = 86400.0,
@@ -92,7 +93,7 @@ class RedisClusterBackend:
         # error handling, so an unreachable cluster at start-up is an outage the cache
         # rides out, not an application that fails to start.
         self._client: RedisCluster | None = None
-        self._factory: Callable[[], RedisCluster] | None = None
+        self._factory: Callable[[], Any] | None = None
         if isinstance(client, RedisCluster):
             self._client = client
         else:
@@ -104,6 +105,7 @@ class RedisClusterBackend:
         self._e = f"{namespace}:e:"
         self._k = f"{namespace}:k:"
         self._known: dict[str, tuple[str, ...]] = {}
+        self._twins: LoopTwins[RedisClusterBackend] = LoopTwins()
 
     @classmethod
     def from_url(
@@ -128,24 +130,47 @@ class RedisClusterBackend:
                 f"{redact_url(url)!r}: a cluster URL takes hosts and ?ssl=true only (a "
                 "cluster has one database, so no /db path)"
             )
-        ssl = query.get("ssl", "false").lower() in ("1", "true", "yes")
+        settings: dict[str, Any] = {
+            "username": username,
+            "password": password,
+            "ssl": query.get("ssl", "false").lower() in ("1", "true", "yes"),
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            **options,
+        }
 
         def connect() -> RedisCluster:
             return RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in hosts],  # type: ignore[no-untyped-call]
-                username=username,
-                password=password,
-                ssl=ssl,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
                 # One attempt, as on a single server: each retry would add a timeout to a
                 # request. Redirections after a resharding are still followed.
                 retry=Retry(NoBackoff(), 0),
-                **options,
+                **settings,
+            )
+
+        def connect_async() -> Any:
+            from redis.asyncio.cluster import ClusterNode as AsyncNode
+            from redis.asyncio.cluster import RedisCluster as AsyncCluster
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            from ormcache.aio import AwaitingCluster
+
+            nodes = [AsyncNode(h, p) for h, p in hosts]
+            return AwaitingCluster(
+                AsyncCluster(startup_nodes=nodes, retry=AsyncRetry(NoBackoff(), 0), **settings)
             )
 
         where = "Redis Cluster at " + ",".join(f"{h}:{p}" for h, p in hosts)
-        return cls(connect, namespace, generation_ttl=generation_ttl, where=where)
+        backend = cls(connect, namespace, generation_ttl=generation_ttl, where=where)
+        backend._twins.factory = lambda: cls(
+            connect_async, namespace, generation_ttl=generation_ttl, where=where
+        )
+        return backend
+
+    def for_event_loop(self) -> RedisClusterBackend:
+        """The ``redis.asyncio`` twin for the running event loop (see
+        ``RedisBackend.for_event_loop``)."""
+        return self._twins.get(self)
 
     @property
     def client(self) -> RedisCluster:
