@@ -271,3 +271,26 @@ async def test_stale_while_revalidate_refreshes_on_the_loop(
     await asyncio.sleep(0.05)
     assert await counter() == 2
     assert cache.stats().stale_hits == 1
+
+
+async def test_async_memoize_merges_hits_into_an_async_session(
+    cache: Cache, aengine: AsyncEngine
+) -> None:
+    """merge= naming the AsyncSession's sync_session puts a hit's instances into that
+    session's identity map, as a query there would."""
+    Session = async_sessionmaker(aengine, expire_on_commit=False)
+    cache.attach(Session)
+    current: dict[str, Any] = {}
+
+    @cache.memoize(ttl=60, merge=lambda: current["session"].sync_session)
+    async def get_user(n: int) -> User:
+        async with Session() as s:
+            return (await s.scalars(by_key(n))).one()
+
+    async with Session() as s:
+        current["session"] = s
+        await get_user(1)
+        hit = await get_user(1)
+        assert cache.stats().hits == 1
+        assert hit in s
+        assert hit is await s.get(User, hit.id)  # the identity map's instance
