@@ -130,3 +130,10 @@ def test_the_console_script_is_installed() -> None:
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     for command in ("ping", "invalidate", "clear"):
         assert command in out.stdout
+
+
+def test_clear_without_a_url_fails_before_asking() -> None:
+    result = run("clear", env={"ORMCACHE_URL": ""})
+    assert result.exit_code == 2
+    assert "no cache URL" in result.output
+    assert "delete every cache entry" not in result.output

@@ -127,13 +127,12 @@ def _build() -> Any:
         """Delete every entry and generation of the namespace (SCAN + UNLINK, in
         batches; other namespaces and in-flight commits' leases are untouched)."""
         namespace = ctx.obj["namespace"]
-        if not yes:
-            click.confirm(
-                f"delete every cache entry of namespace {namespace!r} at "
-                f"{redact_url(ctx.obj['url'] or '')}?",
-                abort=True,
-            )
-        backend = _backend(ctx)
+        backend = _backend(ctx)  # a bad or missing URL fails before the question
+        if not yes and not click.confirm(
+            f"delete every cache entry of namespace {namespace!r} at {redact_url(ctx.obj['url'])}?"
+        ):
+            backend.close()
+            raise click.Abort
         click.echo(f"clearing namespace {namespace!r}...", err=True)
         start = time.monotonic()
         try:
