@@ -191,3 +191,46 @@ def test_create_backend_schemes() -> None:
     assert isinstance(create_backend("memory://", "n"), MemoryBackend)
     with pytest.raises(ConfigurationError, match="memory://"):
         create_backend("memcached://host", "n")
+
+
+def test_unknown_url_option_is_an_outage_not_a_crash(redis_url: str, namespace: str) -> None:
+    """redis-py turns unknown query options into connection arguments and fails only
+    when it connects: that must be a backend error the cache rides out, not an
+    exception in the caller."""
+    from ormcache import Cache
+
+    cache = Cache(f"{redis_url}?wait_replicas=1", namespace=namespace)
+    calls = {"n": 0}
+
+    @cache.memoize(ttl=60)
+    def f() -> int:
+        calls["n"] += 1
+        return 7
+
+    assert f() == 7
+    assert f() == 7
+    assert calls["n"] == 2  # uncached, but served
+    assert cache.stats().errors >= 1
+    cache.close()
+
+
+def test_event_loop_twins_do_not_pile_up(redis_url: str, namespace: str) -> None:
+    """Code that runs asyncio.run() per job gets one twin per loop; twins of closed
+    loops are dropped, not kept with their connections."""
+    import asyncio
+
+    backend = RedisBackend.from_url(redis_url, namespace)
+
+    async def use() -> None:
+        from ormcache.aio import greenlet_spawn
+
+        twin = backend.for_event_loop()
+        assert twin is not backend
+        await greenlet_spawn(twin.get, "absent")
+
+    try:
+        for _ in range(5):
+            asyncio.run(use())
+        assert len(backend._twins) == 1
+    finally:
+        backend.close()

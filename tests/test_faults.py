@@ -460,3 +460,38 @@ def test_failed_release_is_paid_when_the_backend_returns(sqlite_engine: Any) -> 
     assert cache.stats().stores == stores + 1, "the leftover lease still blocks stores"
     assert name_of(keys[0]) == "renamed"
     assert cache.stats().hits >= 1
+
+
+def test_interrupted_release_is_owed(sqlite_engine: Any) -> None:
+    """A commit whose release is interrupted (an asyncio task cancelled while awaiting
+    Redis raises CancelledError there) must still owe the bump: the interruption goes
+    on, and the next read pays the debt before serving anything."""
+
+    class Interrupted(BaseException):
+        pass
+
+    backend = _FailingOnce()
+    cache = Cache(backend=backend, breaker_threshold=100)  # type: ignore[arg-type]
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=1)
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of(keys[0]) == "user0"
+    real_release = backend.inner.release_lease
+    calls = {"n": 0}
+
+    def interrupted_release(tags: Any, token: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Interrupted
+        real_release(tags, token)
+
+    backend.inner.release_lease = interrupted_release  # type: ignore[method-assign]
+    with Session() as s:
+        s.scalars(select(User)).one().name = "renamed"
+        with pytest.raises(Interrupted):
+            s.commit()
+    assert cache.guard._owed  # the bump is owed
+    assert name_of(keys[0]) == "renamed"
+    assert not cache.guard._owed
+    assert calls["n"] == 2  # the release was paid too

@@ -327,7 +327,10 @@ def test_sentinel_url_parsing() -> None:
     [
         ("redis+sentinel://:hunter2@h:26379", "must name the master's service"),
         ("redis+sentinel://:hunter2@h:26379/svc?waitreplicas=1", "unknown options"),
-        ("redis+sentinel://:hunter2@h:x/svc", "bad port"),
+        ("redis+sentinel://:hunter2@h:x/svc", "bad host:port"),
+        ("redis+sentinel://:hun/ter2@h/svc", "bad host:port"),
+        ("redis://:hun/ter2@h:6379/0", "bad host:port"),
+        ("redis+sentinel://h/svc?sentinel_password=hunter2&bogus=1", "unknown options"),
         ("redis+sentinel://:hunter2@h/svc?wait_replicas=-1", "wait_replicas must be"),
         ("redis+sentinel://:hunter2@h/svc?wait_timeout=0.3", "must be below socket_timeout"),
         ("redis+cluster://:hunter2@h:7000/0", "no /db path"),

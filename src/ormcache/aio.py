@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -56,9 +55,11 @@ class LoopTwins(Generic[B]):
 
     def __init__(self) -> None:
         self.factory: Callable[[], B] | None = None
-        self._twins: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, B] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Not weak: a twin's connections refer to their loop, so a weak key would never
+        # be freed anyway. Twins of closed loops are dropped when a new loop arrives
+        # (code that calls asyncio.run() per job makes one loop per job).
+        self._twins: dict[asyncio.AbstractEventLoop, B] = {}
+        self._lock = threading.Lock()
 
     def get(self, owner: B) -> B:
         if self.factory is None:
@@ -66,8 +67,14 @@ class LoopTwins(Generic[B]):
         loop = asyncio.get_running_loop()
         twin = self._twins.get(loop)
         if twin is None:
-            twin = self._twins[loop] = self.factory()
+            with self._lock:
+                for old in [lp for lp in self._twins if lp.is_closed()]:
+                    del self._twins[old]
+                twin = self._twins[loop] = self.factory()
         return twin
+
+    def __len__(self) -> int:
+        return len(self._twins)
 
 
 def pause(seconds: float) -> None:

@@ -337,6 +337,11 @@ class Guard:
         except BackendError as exc:
             self._failed("bump", exc)
             self._owe(tags)
+        except BaseException:
+            # Interrupted mid-call (an asyncio task cancelled while awaiting Redis): the
+            # bump may not have happened, so it is owed, and the interruption goes on.
+            self._owe(tags)
+            raise
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
         try:
@@ -345,6 +350,9 @@ class Guard:
             self._failed("lease", exc)
             self._owe(tags)
             return
+        except BaseException:
+            self._owe(tags)  # interrupted: see bump()
+            raise
         with self._owed_lock:
             self._held.add(token)
 
@@ -357,14 +365,20 @@ class Guard:
             self._b().release_lease(tags, token)
         except BackendError as exc:
             self._failed("release", exc)
-            self._owe(tags)
-            if not held:
-                return
-            with self._owed_lock:
-                if len(self._owed_releases) >= _OWED_LIMIT:
-                    # The oldest lease has expired by itself long ago.
-                    self._owed_releases.pop(next(iter(self._owed_releases)))
-                self._owed_releases[token] = tuple(tags)
+            self._owe_release(tags, token, held)
+        except BaseException:
+            self._owe_release(tags, token, held)  # interrupted: see bump()
+            raise
+
+    def _owe_release(self, tags: Sequence[str], token: str, held: bool) -> None:
+        self._owe(tags)
+        if not held:
+            return
+        with self._owed_lock:
+            if len(self._owed_releases) >= _OWED_LIMIT:
+                # The oldest lease has expired by itself long ago.
+                self._owed_releases.pop(next(iter(self._owed_releases)))
+            self._owed_releases[token] = tuple(tags)
 
     def clear(self) -> None:
         # An administrative sweep, reached only from the sync cache.clear(): always the

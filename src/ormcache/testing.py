@@ -121,6 +121,14 @@ class BackendContract:
         backend.bump([tags[57]])
         assert backend.get("many") is None
 
+    def test_tags_in_any_script(self, backend: Backend) -> None:
+        """Tags name tables and columns, which may be in any script."""
+        tags = ["t:café", "t:ユーザー", "p:t:naïve:0f"]
+        assert _store(backend, "k", b"v", tags)
+        assert backend.get("k") == b"v"
+        backend.bump(["t:ユーザー"])
+        assert backend.get("k") is None
+
     def test_clear_empties_the_namespace(self, backend: Backend) -> None:
         _store(backend, "k", b"v", ["*"])
         backend.clear()

@@ -34,9 +34,14 @@ __all__ = ["Backend", "Snapshot", "redact_url"]
 
 
 def redact_url(url: str) -> str:
-    """The URL without its credentials, for error messages and logs."""
+    """The URL without its credentials, for error messages and logs: no user info, and
+    no query string (``?password=``, ``?sentinel_password=``)."""
     scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+    if not sep:
+        return url
+    # User info first (a password may hold ? or #), then the query.
+    rest = rest.rpartition("@")[2].partition("?")[0].partition("#")[0]
+    return f"{scheme}{sep}{rest}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,7 +184,7 @@ def _parse_entry(value: Any) -> tuple[tuple[str, ...], tuple[bytes, ...], bytes]
     if lines[-1] != b"" or len(lines) % 2 != 1:
         return None
     try:
-        tags = tuple(t.decode("ascii") for t in lines[0:-1:2])
+        tags = tuple(t.decode("utf-8") for t in lines[0:-1:2])
     except UnicodeDecodeError:
         return None
     return tags, tuple(lines[1:-1:2]), value[6 + length :]
@@ -214,6 +214,12 @@ def run_redis(where: str, what: str, call: Callable[[], T]) -> T:
         ) from exc
     except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendError(f"{where} failed {what}: {type(exc).__name__}: {exc}") from exc
+    except (BackendError, ConfigurationError):
+        raise
+    except Exception as exc:
+        # Anything else from the client (a TypeError from an unknown URL option, met
+        # only when the first connection is made) must not reach the application either.
+        raise BackendError(f"{where} failed {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _fresh() -> int:
@@ -221,8 +227,11 @@ def _fresh() -> int:
 
 
 def _check_tag(tag: str) -> str:
-    if "\n" in tag or not tag.isascii():
-        raise ValueError(f"tags must be ASCII without newlines, got {tag!r}")
+    """Tags name tables and columns, in any script (keys and headers are UTF-8). Only a
+    newline, the header's separator, cannot be stored: such a read or write then goes
+    uncached, like any other backend failure, instead of failing the caller."""
+    if "\n" in tag:
+        raise BackendError(f"a table or column name with a newline cannot be a tag: {tag!r}")
     return tag
 
 
@@ -242,8 +251,10 @@ def split_hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int
         try:
             port = int(port_text) if port_text else default_port
         except ValueError:
+            # Not echoed: a password with an unencoded / ? or # ends up here.
             raise ConfigurationError(
-                f"bad port {port_text!r} in cache URL {redact_url(url)!r}"
+                f"bad host:port in cache URL {redact_url(url)!r}; percent-encode / ? # @ "
+                "in a password"
             ) from None
         hosts.append((host or "127.0.0.1", port))
     if not hosts:
@@ -340,7 +351,13 @@ def _connect(
     retry = retry_class(NoBackoff(), 0)
     if url[:17].lower() != "redis+sentinel://":
         parts = urlsplit(url)
-        where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
+        try:
+            where = f"Redis at {parts.hostname or 'localhost'}:{parts.port or 6379}"
+        except ValueError:
+            raise ConfigurationError(
+                f"bad host:port in cache URL {redact_url(url)!r}; percent-encode / ? # @ "
+                "in a password"
+            ) from None
         client = client_lib.Redis.from_url(url, retry=retry, **timeouts, **options)
         return client, where, 0, 0.1
     # Sentinel: every command goes to the master that the Sentinels name. A replica
