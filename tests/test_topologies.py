@@ -318,6 +318,9 @@ def test_sentinel_url_parsing() -> None:
         2,
         0.5,
     )
+    assert parse_sentinel_url(
+        "redis+sentinel://h/svc?sentinel_password=a+b%26c"
+    ).sentinel_password == ("a+b&c")
     assert parse_sentinel_url("redis+sentinel://h/svc").db == 0
     assert parse_sentinel_url("redis+sentinel://h/svc").wait_replicas == 1
 
@@ -334,6 +337,7 @@ def test_sentinel_url_parsing() -> None:
         ("redis+sentinel://:hunter2@h/svc?wait_replicas=-1", "wait_replicas must be"),
         ("redis+sentinel://:hunter2@h/svc?wait_timeout=0.3", "must be below socket_timeout"),
         ("redis+cluster://:hunter2@h:7000/0", "no /db path"),
+        ("redis+sentinel://:hunter2@::1:26379/svc", "IPv6 address in brackets"),
         ("redis+cluster://:hunter2@h:7000?db=1", "takes hosts and"),
     ],
 )

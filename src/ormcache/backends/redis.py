@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -246,6 +246,11 @@ def split_hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int
         if item.startswith("["):
             host, _, rest = item[1:].partition("]")
             port_text = rest[1:] if rest.startswith(":") else ""
+        elif item.count(":") > 1:
+            raise ConfigurationError(
+                f"put the IPv6 address in brackets in cache URL {redact_url(url)!r}, "
+                "e.g. [::1]:26379"
+            )
         else:
             host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
         try:
@@ -260,6 +265,13 @@ def split_hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int
     if not hosts:
         raise ConfigurationError(f"cache URL {redact_url(url)!r} names no host")
     return hosts
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """``a=1&b=2``, percent-decoded; a ``+`` stays a plus (it may be in a password),
+    unlike in form decoding."""
+    pairs = (item.partition("=") for item in query.split("&") if item)
+    return {unquote(k): unquote(v) for k, _, v in pairs}
 
 
 def split_userinfo(netloc: str) -> tuple[str | None, str | None, str]:
@@ -293,7 +305,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
             f"{redact_url(url)!r} must name the master's service after the hosts, e.g. "
             "redis+sentinel://127.0.0.1:26379/mymaster/0"
         )
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query = parse_query(parts.query)
     unknown = set(query) - {"sentinel_password", "wait_replicas", "wait_timeout"}
     if unknown:
         raise ConfigurationError(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -50,6 +50,7 @@ from .redis import (
     _check_tag,
     _fresh,
     _parse_entry,
+    parse_query,
     run_redis,
     split_hosts,
     split_userinfo,
@@ -123,7 +124,7 @@ class RedisClusterBackend:
         parts = urlsplit(url)
         username, password, hostlist = split_userinfo(parts.netloc)
         hosts = split_hosts(hostlist, 6379, url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        query = parse_query(parts.query)
         unknown = set(query) - {"ssl"}
         if unknown or parts.path.strip("/"):
             raise ConfigurationError(
