@@ -10,7 +10,6 @@ stored as current.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 import random
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .aio import await_only, greenlet_spawn, in_bridge, pause, wait_for
+from .aio import await_only, greenlet_spawn, pause, wait_for
 from .errors import CorruptPayloadError, UncacheableValueError
 from .keys import ArgumentKeyer, function_prefix
 from .protocol import (
@@ -85,8 +84,6 @@ class Memoized(Generic[P, R]):
         self.prefix = function_prefix(fn, version)
         self._ignore = tuple(ignore)
         self._keyer = ArgumentKeyer(fn, self.prefix, cache.codec, ignore)
-        self._is_async = inspect.iscoroutinefunction(fn)
-        self._tasks: set[object] = set()  # background refreshes on an event loop
         self._warned_uncacheable = False
         self._flights: dict[str, threading.Event] = {}
         self._flights_lock = threading.Lock()
@@ -172,16 +169,9 @@ class Memoized(Generic[P, R]):
         with self._flights_lock:
             if key in self._flights:
                 return
-        if in_bridge():
-            # On an event loop the refresh is a task of that loop, like the call itself.
-            import asyncio
+        self._start_refresh(key, args, kwargs)
 
-            task = asyncio.get_running_loop().create_task(
-                greenlet_spawn(self._refresh, key, args, kwargs)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
+    def _start_refresh(self, key: str, args: Any, kwargs: Any) -> None:
         thread = threading.Thread(
             target=self._refresh, args=(key, args, kwargs), name="ormcache-refresh", daemon=True
         )
@@ -308,12 +298,7 @@ class Memoized(Generic[P, R]):
         return self._invoke(args, kwargs)
 
     def _invoke(self, args: Any, kwargs: Any) -> R:
-        value = self._fn(*args, **kwargs)
-        if self._is_async:
-            # Running in the bridge (see AsyncMemoized): the event loop runs the
-            # coroutine, and this greenlet resumes with its result.
-            value = await_only(value)  # type: ignore[arg-type]
-        return value
+        return self._fn(*args, **kwargs)
 
     def _report_uncacheable(self, exc: UncacheableValueError) -> None:
         self._cache.stats_counters.incr("uncacheable")
@@ -338,6 +323,11 @@ class AsyncMemoized(Memoized[P, R]):
     task's computation yield to the loop instead of blocking it.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Refresh tasks, kept referenced until done (the loop holds tasks weakly).
+        self._tasks: set[object] = set()
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._acall(args, kwargs)  # type: ignore[return-value]
 
@@ -350,3 +340,19 @@ class AsyncMemoized(Memoized[P, R]):
             return self._call(args, kwargs)
         finally:
             end_call(token)
+
+    def _invoke(self, args: Any, kwargs: Any) -> R:
+        # In the bridge: the event loop runs the coroutine, and this greenlet resumes
+        # with its result.
+        return await_only(self._fn(*args, **kwargs))  # type: ignore[arg-type]
+
+    def _start_refresh(self, key: str, args: Any, kwargs: Any) -> None:
+        # Always in the bridge here: the refresh is a task of this event loop, like the
+        # call itself, never a thread (which has no loop to await on).
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(
+            greenlet_spawn(self._refresh, key, args, kwargs)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

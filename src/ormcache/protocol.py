@@ -245,9 +245,7 @@ class Guard:
             if not self.usable():
                 return None
         try:
-            data = (
-                self.backend if self._on_loop is None or not in_bridge() else self._on_loop()
-            ).get(key)
+            data = self._b().get(key)
         except BackendError as exc:
             self._failed("get", exc)
             return None
