@@ -207,7 +207,7 @@ def test_crashed_writers_lease_blocks_stores_only_until_it_expires(
 
 
 def _row_tags(Session: Any) -> set[str]:
-    from ormcache.tags import instance_tags
+    from ormcache.sqla.tags import instance_tags
 
     with Session() as s:
         return instance_tags(s.get(User, 1))

@@ -274,7 +274,7 @@ def test_a_secret_keys_every_hash_and_invalidation_still_works(
 ) -> None:
     """With ``secret``, hashes in key names and partition tags are keyed (a Redis reader
     cannot confirm a guessed value), and readers and writers still agree on them."""
-    from ormcache.tags import partition_tag
+    from ormcache.sqla.tags import partition_tag
 
     cache = Cache(cache_url, namespace=namespace, strict=True, secret="s3cret")
     Session = sessionmaker(db_engine, expire_on_commit=False)
@@ -347,7 +347,7 @@ def test_case_insensitive_collations_do_not_hide_writes(env: Any, how: str) -> N
 
 def test_trailing_spaces_share_a_partition() -> None:
     """PAD SPACE collations match 'k' and 'k  ': their partition tags must be the same."""
-    from ormcache.tags import partition_tag
+    from ormcache.sqla.tags import partition_tag
 
     table = User.__table__
     col = table.c.api_key_hash

@@ -258,7 +258,7 @@ class Cache:
         row and the equality partitions it belongs to. Use it after writes ormcache cannot
         see (another application, a stored procedure).
         """
-        from . import tags
+        from .sqla import tags
 
         bump: set[str] = set()
         for target in targets:

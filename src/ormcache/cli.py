@@ -22,7 +22,7 @@ from .backends import Backend, create_backend
 from .backends.base import redact_url
 from .errors import BackendError, ConfigurationError
 from .protocol import NAMESPACE_TAG
-from .tags import tags_for_target
+from .sqla.tags import tags_for_target
 
 __all__ = ["main"]
 

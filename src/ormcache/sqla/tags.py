@@ -19,7 +19,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.schema import Table as _Table
 
-from .errors import ConfigurationError
+from ormcache.errors import ConfigurationError
 
 __all__ = [
     "instance_tags",

@@ -1,0 +1,1 @@
+"""SQLAlchemy integration: statement analysis, read/write tracking, loading, FromCache."""
