@@ -108,7 +108,7 @@ async def run(args: argparse.Namespace) -> int:
 
         cases.append((f"ormcache FromCache hit ({backend}, AsyncSession)", fromcache))
         if backend == "redis":
-            payload = cache.codec.encode(await get_user(target))
+            payload = cache._core.codec.encode(await get_user(target))
 
     client = aioredis.Redis.from_url(REDIS_URL)
     await client.set(f"{ns}:floor", payload)

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         run(f"ormcache FromCache hit ({backend})", per_request(oc_factory, option))
         run(f"ormcache FromCache hit ({backend}, live session)", live_session(oc_factory, option))
         if backend == "redis":
-            payload = cache.codec.encode(get_user(target))
+            payload = cache._core.codec.encode(get_user(target))
 
     # -- the floor: raw GET + unpack of the same payload -----------------------------
     client = redis.Redis.from_url(REDIS_URL)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     with factory() as s:
         user = s.scalars(query()).one()
         pickled_dict = len(pickle.dumps(user.__dict__))
-        ormcache_bytes = len(caches["memory"].codec.encode(user))
+        ormcache_bytes = len(caches["memory"]._core.codec.encode(user))
     notes["payload"] = (
         f"payload bytes for one user: ormcache {ormcache_bytes} B, "
         f"pickle of user.__dict__ {pickled_dict} B ({pickled_dict / ormcache_bytes:.1f}x larger)"

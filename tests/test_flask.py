@@ -139,7 +139,7 @@ def test_service_keeps_answering_when_its_lookup_cannot_be_cached(
     client = app.test_client()
     created = client.post("/users", json={"name": "Seed", "email": "seed@example.com"})
     key = created.json["api_key"]
-    monkeypatch.setattr(cache.codec, "encode", refuse)
+    monkeypatch.setattr(cache._core.codec, "encode", refuse)
     with caplog.at_level(logging.WARNING, logger="ormcache"):
         statuses = [
             client.get("/me", headers={"Authorization": f"Bearer {key}"}).status_code
@@ -160,7 +160,7 @@ def test_custom_types_survive_init_app() -> None:
             self.cents = cents
 
     cache = Cache()
-    cache.codec.register_type(Money, name="money", encode=lambda m: m.cents, decode=Money)
+    cache.register_type(Money, name="money", encode=lambda m: m.cents, decode=Money)
     app = Flask(__name__)
     app.config["ORMCACHE_NAMESPACE"] = f"ct-{uuid.uuid4().hex[:6]}"
     cache.init_app(app)

@@ -383,7 +383,7 @@ def test_threads_with_built_and_shared_statements(oracle: Any) -> None:
     import random
     import threading
 
-    from ormcache import orm
+    from ormcache.sqla import fromcache
 
     _, Session, cache = oracle
     shared = {oid: select(Owner).where(Owner.id == oid).options(FromCache()) for oid in (1, 2, 3)}
@@ -402,7 +402,7 @@ def test_threads_with_built_and_shared_statements(oracle: Any) -> None:
                     owner = s.scalars(stmt).one()
                     assert (owner.id, owner.email) == (oid, f"o{oid}@example.com")
                 if seed == 0 and i % 25 == 0:
-                    orm._stmt_keys.clear()
+                    fromcache._stmt_keys.clear()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

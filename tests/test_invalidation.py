@@ -294,7 +294,7 @@ def test_a_secret_keys_every_hash_and_invalidation_still_works(
     table = User.__table__
     column = table.c.api_key_hash
     assert partition_tag(table, column, "x") != partition_tag(
-        table, column, "x", cache.codec.hash_salt
+        table, column, "x", cache._core.codec.hash_salt
     )
     assert warm(fn, "key-0-secret") == "user0/user0@example.com/True"
     with Session() as s:

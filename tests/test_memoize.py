@@ -251,14 +251,14 @@ def test_an_expired_entry_never_reaches_the_merge_session(cache: Cache, sqlite_e
             ).one_or_none()
 
     adopted: list[object] = []
-    real_adopter = cache.adopter
+    real_adopter = get_user._adopter
 
     def spy(merge: Any) -> Any:
         into = real_adopter(merge)
         adopted.append(into)
         return into
 
-    cache.adopter = spy  # type: ignore[method-assign]
+    get_user._adopter = spy
     key = "key-1-secret"
     first = get_user(key)
     assert first is not None

@@ -19,11 +19,17 @@ def test_typing_file_type_checks() -> None:
 
 
 def test_exported_names_are_exactly_the_contract() -> None:
-    """The top level re-exports the names in DESIGN.md and nothing else."""
+    """The top level re-exports the contract's names, what custom backends and typed
+    callers need, and nothing else."""
     assert sorted(ormcache.__all__) == [
+        "Backend",
         "Cache",
+        "ConfigurationError",
         "FromCache",
+        "Memoized",
         "OrmCacheError",
+        "Snapshot",
+        "StatsSnapshot",
         "UncacheableValueError",
         "as_dict",
     ]

@@ -222,7 +222,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         body = {
             "status": "ok" if db_ok else "degraded",
             "database": "ok" if db_ok else "unreachable",
-            "cache": "ok" if not cache.breaker.is_open else "bypassed",
+            "cache": "ok" if not cache.bypassing else "bypassed",
             "cache_errors": stats.errors,
         }
         return jsonify(body), 200 if db_ok else 503

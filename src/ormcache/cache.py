@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from sqlalchemy import inspect
 from sqlalchemy.orm import Session, scoped_session
 
-from .backends import Backend, create_backend
-from .breaker import CircuitBreaker
-from .codec import Adopter, Codec
+from .backends import Backend
+from .codec import Adopter
+from .core import Core, Settings
 from .errors import ConfigurationError
 from .memoize import AsyncMemoized, Memoized, MergeTarget
-from .protocol import NAMESPACE_TAG, Guard, ReadContext
-from .stats import Stats, StatsSnapshot
+from .protocol import NAMESPACE_TAG
+from .readpath import ReadPath
+from .stats import StatsSnapshot
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .sqla.tracking import Tracker
 
 __all__ = ["Cache"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+T = TypeVar("T")
 
 
 class Cache:
@@ -37,14 +37,29 @@ class Cache:
     processes. ``attach()`` the cache to your sessions or engine so that reads are tracked
     and every commit invalidates what it changed.
 
-    ``strict=True`` raises :class:`~ormcache.UncacheableValueError` for values that cannot
-    be cached (use it in tests); otherwise such values are served uncached and logged
-    once. ``stampede_lock`` makes concurrent misses on one key compute once (single-flight
-    in the process, a lock in the backend across processes, waits bounded by
-    ``lock_wait``). ``secret`` HMAC-signs payloads, so entries written by anyone without the secret
-    are rejected. Timeouts bound what a slow backend can add to a call, and after
-    ``breaker_threshold`` consecutive failures the backend is skipped for
-    ``breaker_cooldown`` seconds.
+    :param url: ``memory://`` (the default), ``redis://``, ``rediss://``,
+        ``redis+sentinel://`` or ``redis+cluster://``; see the README for each form.
+    :param namespace: prefix of every key; ``clear()`` touches only its own namespace.
+    :param default_ttl: seconds an entry lives unless the call says otherwise (None: no
+        expiry). It bounds staleness only for writes ormcache cannot see; commits through
+        attached sessions invalidate at once.
+    :param strict: raise :class:`~ormcache.UncacheableValueError` for values that cannot be
+        cached (use it in tests); otherwise they are served uncached and logged once.
+    :param secret: HMAC-sign payloads, so entries written by anyone without the secret
+        are rejected, and key the hashes of argument values in key names.
+    :param lease_ttl: how long a crashed writer's lease can block stores on its tags.
+    :param connect_timeout: seconds to wait for a backend connection.
+    :param socket_timeout: seconds to wait for a backend reply; with the breaker, this
+        bounds what a slow or dead backend adds to a call.
+    :param breaker_threshold: consecutive backend failures that open the circuit breaker.
+    :param breaker_cooldown: seconds the backend is skipped once the breaker is open.
+    :param max_entries: size of the in-process LRU (``memory://`` only).
+    :param stampede_lock: concurrent misses on one key compute once (single-flight in the
+        process, a backend lock across processes).
+    :param lock_wait: seconds a waiter waits for another's computation before computing.
+    :param lock_ttl: seconds after which a dead holder's computation lock expires; it
+        should exceed your slowest computation.
+    :param backend: a ready :class:`~ormcache.Backend` instead of one built from ``url``.
     """
 
     def __init__(
@@ -66,101 +81,81 @@ class Cache:
         lock_ttl: float = 30.0,
         backend: Backend | None = None,
     ) -> None:
+        settings = Settings(
+            url=url,
+            namespace=namespace,
+            default_ttl=default_ttl,
+            strict=strict,
+            secret=secret,
+            lease_ttl=lease_ttl,
+            connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            max_entries=max_entries,
+            stampede_lock=stampede_lock,
+            lock_wait=lock_wait,
+            lock_ttl=lock_ttl,
+            backend=backend,
+        )
+        self._core = Core(settings)
+        self._core.owner = self
+        self._reads = ReadPath(self._core)
         self._memoized: list[Memoized[Any, Any]] = []
+        self._trackers: dict[int, tuple[object, Tracker]] = {}
         self._attached_scoped: scoped_session[Any] | None = None
-        self.tracks_loads = False
-        self._settings: dict[str, Any] = {
-            "url": url,
-            "namespace": namespace,
-            "default_ttl": default_ttl,
-            "strict": strict,
-            "secret": secret,
-            "lease_ttl": lease_ttl,
-            "connect_timeout": connect_timeout,
-            "socket_timeout": socket_timeout,
-            "breaker_threshold": breaker_threshold,
-            "breaker_cooldown": breaker_cooldown,
-            "max_entries": max_entries,
-            "stampede_lock": stampede_lock,
-            "lock_wait": lock_wait,
-            "lock_ttl": lock_ttl,
-            "backend": backend,
-        }
-        self._build()
+
+    # -- settings ---------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self._core.settings.resolved_url
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    @property
+    def default_ttl(self) -> float | None:
+        return self._core.default_ttl
+
+    @property
+    def strict(self) -> bool:
+        return self._core.strict
+
+    @property
+    def backend(self) -> Backend:
+        """The backend in use (for administration; the paths go through a guard)."""
+        return self._core.backend
+
+    @property
+    def bypassing(self) -> bool:
+        """True while the circuit breaker skips the backend (calls go to the database)."""
+        return self._core.guard.breaker.is_open
 
     def configure(self, **changes: Any) -> None:
         """Change settings (the constructor's keyword arguments) and rebuild the backend.
 
         ``init_app`` uses this to apply ``app.config``; arguments not named keep their
-        current values.
+        current values. Counters, registered types and invalidations not yet delivered
+        to the old backend are kept.
         """
-        unknown = set(changes) - set(self._settings)
-        if unknown:
-            raise ConfigurationError(
-                f"Cache.configure() got unknown settings {sorted(unknown)}; "
-                f"valid ones are {sorted(self._settings)}"
-            )
-        if "url" in changes and "backend" not in changes:
-            changes["backend"] = None
-        old_backend = getattr(self, "backend", None)
-        self._settings.update(changes)
-        self._build()
-        if old_backend is not None and old_backend is not self.backend:
-            old_backend.close()
-
-    def _build(self) -> None:
-        cfg = self._settings
-        namespace: str = cfg["namespace"]
-        if not _NAMESPACE_RE.match(namespace):
-            raise ConfigurationError(
-                f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . -"
-            )
-        default_ttl = cfg["default_ttl"]
-        if default_ttl is not None and default_ttl <= 0:
-            raise ConfigurationError(
-                f"default_ttl must be positive seconds or None (no expiry), got {default_ttl!r}"
-            )
-        lease_ttl = float(cfg["lease_ttl"])
-        if lease_ttl <= 0:
-            raise ConfigurationError(f"lease_ttl must be positive seconds, got {lease_ttl!r}")
-        self.url: str = cfg["url"] or "memory://"
-        self.namespace = namespace
-        self.default_ttl: float | None = default_ttl
-        self.strict: bool = cfg["strict"]
-        self.lease_ttl = lease_ttl
-        self.stampede_lock: bool = bool(cfg["stampede_lock"])
-        self.lock_wait = float(cfg["lock_wait"])
-        self.lock_ttl = float(cfg["lock_ttl"])
-        if self.lock_wait < 0 or self.lock_ttl <= 0:
-            raise ConfigurationError(
-                "lock_wait must be >= 0 and lock_ttl > 0 seconds; lock_ttl should exceed your "
-                "slowest computation"
-            )
-        secret = cfg["secret"]
-        key = secret.encode() if isinstance(secret, str) else secret
-        old_codec = getattr(self, "codec", None)
-        self.codec = Codec(secret=key or None)
-        if old_codec is not None:
-            self.codec.adopt_registrations(old_codec)
-        backend: Backend | None = cfg["backend"]
-        if backend is None:
-            options: dict[str, Any]
-            if self.url.startswith("memory"):
-                options = {"max_entries": cfg["max_entries"]}
-            else:
-                options = {
-                    "socket_timeout": cfg["socket_timeout"],
-                    "connect_timeout": cfg["connect_timeout"],
-                }
-            backend = create_backend(self.url, namespace, **options)
-        self.backend: Backend = backend
-        self.stats_counters = Stats()
-        self.breaker = CircuitBreaker(
-            threshold=cfg["breaker_threshold"], cooldown=cfg["breaker_cooldown"]
-        )
-        self.guard = Guard(backend, self.stats_counters, self.breaker)
+        self._core.configure(self._core.settings.changed(**changes))
         for memoized in self._memoized:
             memoized.rebind()
+
+    def register_type(
+        self,
+        cls: type[T],
+        *,
+        name: str,
+        encode: Callable[[T], Any],
+        decode: Callable[[Any], T],
+    ) -> None:
+        """Make values of ``cls`` cacheable: ``encode`` turns one into a storable value
+        (str, int, bytes, lists, dicts...) and ``decode`` rebuilds it. ``name`` goes into
+        payloads instead of a class path, so decoding never imports anything; keep it
+        stable across releases."""
+        self._core.codec.register_type(cls, name=name, encode=encode, decode=decode)
 
     # -- memoize ----------------------------------------------------------------------
     @overload
@@ -225,13 +220,15 @@ class Cache:
         def decorate(func: Callable[P, R]) -> Memoized[P, R]:
             kind = AsyncMemoized if iscoroutinefunction(func) else Memoized
             memoized = kind(
-                self,
+                self._core,
+                self._reads,
+                self._adopter,
                 func,
-                ttl=chosen if chosen is not None else self.default_ttl,
+                ttl=chosen if chosen is not None else self._core.default_ttl,
                 negative_ttl=negative_ttl,
                 stale_ttl=stale_ttl,
                 early_refresh=early_refresh,
-                strict=self.strict if strict is None else strict,
+                strict=self._core.strict if strict is None else strict,
                 merge=merge,
                 ignore=ignore,
                 version=version,
@@ -258,24 +255,25 @@ class Cache:
         row and the equality partitions it belongs to. Use it after writes ormcache cannot
         see (another application, a stored procedure).
         """
-        from .sqla import tags
+        from .sqla.tags import tags_for_target
 
         bump: set[str] = set()
         for target in targets:
-            bump.update(tags.tags_for_target(target, self.codec.hash_salt))
-        self.guard.bump(sorted(bump))
+            bump.update(tags_for_target(target, self._core.codec.hash_salt))
+        self._core.guard.bump(sorted(bump))
 
     def clear(self) -> None:
         """Drop every entry in this namespace (other namespaces are untouched)."""
-        self.guard.clear()
-        self.guard.bump([NAMESPACE_TAG])
+        self._core.guard.clear()
+        self._core.guard.bump([NAMESPACE_TAG])
 
     def stats(self) -> StatsSnapshot:
         """Hits, misses, stores, invalidations, errors and more, since creation."""
-        return self.stats_counters.snapshot()
+        return self._core.stats.snapshot()
 
     def close(self) -> None:
-        self.backend.close()
+        """Close the backend's connections (the cache is not usable afterwards)."""
+        self._core.backend.close()
 
     # -- SQLAlchemy integration -------------------------------------------------------
     def attach(self, target: object) -> None:
@@ -283,20 +281,37 @@ class Cache:
 
         After this, queries inside memoized functions tag their entries, ``FromCache``
         works, and every commit (ORM flush, ORM bulk DML, Core DML, ``text()`` DML)
-        invalidates what it wrote before ``commit()`` returns.
+        invalidates what it wrote before ``commit()`` returns. Attaching a target that is
+        already attached does nothing (an application factory may run many times).
         """
-        from . import orm
+        from .sqla.tracking import install_load_listeners, make_tracker, sync_target
 
         if isinstance(target, scoped_session):
             self._attached_scoped = target
-        orm.attach(self, target)
-        self.tracks_loads = True
+        sync = sync_target(target)
+        if id(sync) in self._trackers:
+            return
+        tracker = make_tracker(self._core, self._reads, sync)
+        install_load_listeners()
+        tracker.attach()
+        self._trackers[id(sync)] = (sync, tracker)
+        self._core.tracks_loads = True
 
-    def adopter(self, merge: MergeTarget) -> Adopter | None:
+    def detach(self, target: object) -> None:
+        """Remove every listener ``attach(target)`` added; a target not attached is ignored."""
+        from .sqla.tracking import sync_target
+
+        if target is self._attached_scoped:
+            self._attached_scoped = None
+        found = self._trackers.pop(id(sync_target(target)), None)
+        if found is not None:
+            found[1].detach()
+
+    def _adopter(self, merge: MergeTarget) -> Adopter | None:
         """Where a memoize hit decodes its instances into (see ``Codec.decode``): the
         session ``memoize(merge=...)`` names, if there is one now, so a hit builds each
         instance once, straight into it."""
-        from . import orm
+        from .sqla.loading import SessionAdopter
 
         session: Session | None = None
         if merge is True:
@@ -304,15 +319,7 @@ class Cache:
             session = None if scoped is None else scoped()
         elif callable(merge):
             session = merge()
-        return None if session is None else orm.SessionAdopter(session)
-
-    def stale_instance(self, instances: Iterable[object], ctx: ReadContext) -> str | None:
-        """The first persistent instance not loaded during ``ctx``, described, or None."""
-        for obj in instances:
-            state: Any = inspect(obj)
-            if state.key is not None and state not in ctx.loaded:
-                return f"{type(obj).__name__}{state.key[1]!r}"
-        return None
+        return None if session is None else SessionAdopter(session)
 
     # -- Flask ------------------------------------------------------------------------
     def init_app(self, app: Flask) -> None:

@@ -1,0 +1,172 @@
+"""The state a ``Cache`` hands to its read and write paths.
+
+``Cache`` is the public front; the paths below it (memoize, FromCache, session tracking)
+receive one :class:`Core` and never reach back into ``Cache``. The Core object keeps its
+identity for the life of the ``Cache`` (it is what read contexts and transaction records
+belong to), while :meth:`Core.configure` swaps its parts when ``init_app`` applies new
+settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .backends import Backend, create_backend
+from .breaker import CircuitBreaker
+from .codec import Codec
+from .errors import ConfigurationError
+from .guard import Guard
+from .stats import Stats
+
+__all__ = ["Core", "Settings"]
+
+logger = logging.getLogger("ormcache")
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The constructor's keyword arguments, validated when built (see ``Cache``)."""
+
+    url: str | None = None
+    namespace: str = "ormcache"
+    default_ttl: float | None = 300.0
+    strict: bool = False
+    secret: str | bytes | None = None
+    lease_ttl: float = 5.0
+    connect_timeout: float = 0.25
+    socket_timeout: float = 0.25
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 5.0
+    max_entries: int = 10_000
+    stampede_lock: bool = True
+    lock_wait: float = 5.0
+    lock_ttl: float = 30.0
+    backend: Backend | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ConfigurationError(
+                f"namespace {self.namespace!r} is invalid: use 1-64 characters from "
+                "A-Z a-z 0-9 _ . -"
+            )
+        if self.default_ttl is not None and self.default_ttl <= 0:
+            raise ConfigurationError(
+                "default_ttl must be positive seconds or None (no expiry), "
+                f"got {self.default_ttl!r}"
+            )
+        if float(self.lease_ttl) <= 0:
+            raise ConfigurationError(f"lease_ttl must be positive seconds, got {self.lease_ttl!r}")
+        if float(self.lock_wait) < 0 or float(self.lock_ttl) <= 0:
+            raise ConfigurationError(
+                "lock_wait must be >= 0 and lock_ttl > 0 seconds; lock_ttl should exceed your "
+                "slowest computation"
+            )
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def changed(self, **changes: Any) -> Settings:
+        unknown = set(changes) - set(self.names())
+        if unknown:
+            raise ConfigurationError(
+                f"Cache.configure() got unknown settings {sorted(unknown)}; "
+                f"valid ones are {sorted(self.names())}"
+            )
+        if "url" in changes and "backend" not in changes:
+            changes["backend"] = None
+        return replace(self, **changes)
+
+    @property
+    def resolved_url(self) -> str:
+        return self.url or "memory://"
+
+
+class Core:
+    """Codec, guarded backend, counters and settings: everything a path needs.
+
+    The counters survive reconfiguration (an ``init_app`` must not erase what the
+    application has already observed), and so do bumps owed to the old backend: they are
+    paid to it if it answers, and otherwise carried over to the new one, so a commit
+    whose invalidation failed is never forgotten.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.stats = Stats()
+        #: Set by ``attach()``: ORM loads are tracked, so a value built from instances
+        #: that were not loaded during its computation can be recognised.
+        self.tracks_loads = False
+        #: The ``Cache`` in front (``FromCache(cache=...)`` names it).
+        self.owner: object = None
+        self.settings = settings
+        self.codec = self._codec(settings, None)
+        self.backend = self._backend(settings)
+        self.guard = self._guard(settings, self.backend)
+        self._apply(settings)
+
+    def _apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self.namespace = settings.namespace
+        self.default_ttl = settings.default_ttl
+        self.strict = settings.strict
+        self.lease_ttl = float(settings.lease_ttl)
+        self.stampede_lock = bool(settings.stampede_lock)
+        self.lock_wait = float(settings.lock_wait)
+        self.lock_ttl = float(settings.lock_ttl)
+
+    @staticmethod
+    def _codec(settings: Settings, old: Codec | None) -> Codec:
+        secret = settings.secret
+        key = secret.encode() if isinstance(secret, str) else secret
+        codec = Codec(secret=key or None)
+        if old is not None:
+            codec.adopt_registrations(old)
+        return codec
+
+    @staticmethod
+    def _backend(settings: Settings) -> Backend:
+        if settings.backend is not None:
+            return settings.backend
+        url = settings.resolved_url
+        options: dict[str, Any]
+        if url.startswith("memory"):
+            options = {"max_entries": settings.max_entries}
+        else:
+            options = {
+                "socket_timeout": settings.socket_timeout,
+                "connect_timeout": settings.connect_timeout,
+            }
+        return create_backend(url, settings.namespace, **options)
+
+    def _guard(self, settings: Settings, backend: Backend) -> Guard:
+        breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold, cooldown=settings.breaker_cooldown
+        )
+        return Guard(backend, self.stats, breaker)
+
+    def configure(self, settings: Settings) -> None:
+        """Rebuild codec, backend and guard for new settings, keeping owed bumps."""
+        codec = self._codec(settings, self.codec)
+        backend = self._backend(settings)
+        guard = self._guard(settings, backend)
+        old_guard, old_backend = self.guard, self.backend
+        owed = old_guard.owed_tags()
+        if owed and backend is not old_backend:
+            old_guard.usable()  # pays what the old backend is owed, if it answers now
+            owed = old_guard.owed_tags()
+        if owed:
+            logger.warning(
+                "ormcache: reconfigured with %d invalidation(s) not yet delivered; they are "
+                "carried over and sent to the new backend first",
+                len(owed),
+            )
+            guard.owe(owed)
+        self.codec, self.backend, self.guard = codec, backend, guard
+        self._apply(settings)
+        if old_backend is not backend:
+            old_backend.close()

@@ -1,0 +1,280 @@
+"""The backend as the cache sees it: :class:`Guard` never raises.
+
+Every backend call of the read and write paths goes through a Guard. It absorbs backend
+errors into misses, trips a circuit breaker, and remembers bumps it owes a backend that
+was unreachable, refusing hits in this process until they are delivered: an entry that a
+lost bump should have invalidated must never be served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from .aio import in_bridge
+from .backends.base import Backend, Snapshot
+from .breaker import CircuitBreaker
+from .errors import BackendError
+from .protocol import NAMESPACE_TAG, call_failed, mark_call_failed
+from .stats import Stats
+
+__all__ = ["Guard", "RateLimitedLog"]
+
+logger = logging.getLogger("ormcache")
+
+
+class RateLimitedLog:
+    """At most one warning per kind per ``interval`` seconds: an outage must not flood logs."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -self.interval) < self.interval:
+                return
+            self._last[kind] = now
+        logger.warning(message, *args)
+
+
+_OWED_LIMIT = 1000
+
+
+class Guard:
+    """The backend as the cache sees it: never raises, counts and logs every failure.
+
+    A failed bump is a debt: until it is paid, this process serves no hits (an entry it
+    should have invalidated might still look current) and retries the bump first.
+    """
+
+    def __init__(self, backend: Backend, stats: Stats, breaker: CircuitBreaker) -> None:
+        self.backend = backend
+        # A backend with a redis.asyncio twin per event loop (see ormcache.aio): used
+        # from inside SQLAlchemy's greenlet bridge, so an event loop never blocks on it.
+        self._on_loop: Callable[[], Backend] | None = getattr(backend, "for_event_loop", None)
+        self.stats = stats
+        self.breaker = breaker
+        self.log = RateLimitedLog()
+        self._owed: set[str] = set()
+        # Leases whose release failed (token -> tags). Left alone they would block
+        # stores on their tags until they expire, long after the backend is back (a
+        # Sentinel failover takes about a second; a lease lives lease_ttl seconds).
+        self._owed_releases: dict[str, tuple[str, ...]] = {}
+        # Tokens whose lease this process holds: only those are worth releasing later
+        # (a lease that failed to be taken has nothing to release).
+        self._held: set[str] = set()
+        # Computation locks whose unlock failed (key -> token). Left alone, the next miss
+        # on that key would wait lock_wait seconds for a holder that has moved on.
+        self._owed_unlocks: dict[str, str] = {}
+        self._owed_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _b(self) -> Backend:
+        if self._on_loop is not None and in_bridge():
+            return self._on_loop()
+        return self.backend
+
+    def _failed(self, op: str, exc: BackendError) -> None:
+        mark_call_failed()
+        self.stats.incr("errors")
+        opened = self.breaker.failure()
+        self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, exc)
+        if opened:
+            self.log.warning(
+                "breaker",
+                "ormcache: circuit breaker open for %.1fs after repeated backend failures",
+                self.breaker.cooldown,
+            )
+
+    def _settle(self) -> bool:
+        """Pay owed releases and bumps; True if nothing is owed any more."""
+        if not self._owed:
+            return True
+        with self._owed_lock:
+            owed = sorted(self._owed)
+            releases = list(self._owed_releases.items())
+        if not owed:
+            return True
+        try:
+            for token, tags in releases:
+                self._b().release_lease(tags, token)
+                with self._owed_lock:
+                    self._owed_releases.pop(token, None)
+            self._b().bump(owed)
+        except BackendError as exc:
+            self._failed("bump", exc)
+            return False
+        with self._owed_lock:
+            self._owed.difference_update(owed)
+        self.breaker.success()
+        return not self._owed
+
+    def usable(self) -> bool:
+        if call_failed():
+            return False
+        if not self.breaker.allow():
+            self.stats.incr("bypasses")
+            return False
+        return self._settle()
+
+    # -- reads ------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        # usable() inlined for the common case (no failure, breaker closed, nothing
+        # owed): this runs on every hit.
+        breaker = self.breaker
+        if call_failed() or breaker.is_open or self._owed:  # noqa: SIM102
+            if not self.usable():
+                return None
+        try:
+            data = self._b().get(key)
+        except BackendError as exc:
+            self._failed("get", exc)
+            return None
+        breaker.success()
+        return data
+
+    def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
+        if not self.usable():
+            return None
+        try:
+            snap = self._b().snapshot(tags)
+        except BackendError as exc:
+            self._failed("snapshot", exc)
+            return None
+        self.breaker.success()
+        return snap
+
+    def store(self, key: str, payload: bytes, ttl: float | None, snap: Snapshot) -> bool:
+        if not self.usable():
+            return False
+        try:
+            stored = self._b().set(key, payload, ttl, snap)
+        except BackendError as exc:
+            self._failed("set", exc)
+            return False
+        self.breaker.success()
+        self.stats.incr("stores" if stored else "store_conflicts")
+        return stored
+
+    def delete(self, keys: Sequence[str]) -> None:
+        try:
+            self._b().delete(keys)
+        except BackendError as exc:
+            self._failed("delete", exc)
+
+    def lock(self, key: str, token: str, ttl: float) -> bool | None:
+        """True if taken, False if another process holds it, None if the backend failed
+        (then nobody can coordinate, so the caller computes)."""
+        if not self.usable():
+            return None
+        if self._owed_unlocks and not self._pay_unlocks():
+            return None
+        try:
+            taken = self._b().lock(key, token, ttl)
+        except BackendError as exc:
+            self._failed("lock", exc)
+            return None
+        self.breaker.success()
+        return taken
+
+    def unlock(self, key: str, token: str) -> None:
+        try:
+            self._b().unlock(key, token)
+        except BackendError as exc:
+            self._failed("unlock", exc)
+            with self._owed_lock:
+                if len(self._owed_unlocks) >= _OWED_LIMIT:
+                    # The oldest lock has expired by itself long ago.
+                    self._owed_unlocks.pop(next(iter(self._owed_unlocks)))
+                self._owed_unlocks[key] = token
+
+    def _pay_unlocks(self) -> bool:
+        with self._owed_lock:
+            owed = list(self._owed_unlocks.items())
+        for key, token in owed:
+            try:
+                self._b().unlock(key, token)
+            except BackendError as exc:
+                self._failed("unlock", exc)
+                return False
+            with self._owed_lock:
+                if self._owed_unlocks.get(key) == token:
+                    del self._owed_unlocks[key]
+        return True
+
+    # -- writes -----------------------------------------------------------------------
+    def owed_tags(self) -> list[str]:
+        """Tags whose bump this process still owes the backend."""
+        with self._owed_lock:
+            return sorted(self._owed)
+
+    def owe(self, tags: Sequence[str]) -> None:
+        """Remember bumps to deliver before this process serves another hit."""
+        with self._owed_lock:
+            self._owed.update(tags)
+
+    def bump(self, tags: Sequence[str]) -> None:
+        if not tags:
+            return
+        self.stats.incr("invalidations")
+        try:
+            self._b().bump(tags)
+        except BackendError as exc:
+            self._failed("bump", exc)
+            self.owe(tags)
+        except BaseException:
+            # Interrupted mid-call (an asyncio task cancelled while awaiting Redis): the
+            # bump may not have happened, so it is owed, and the interruption goes on.
+            self.owe(tags)
+            raise
+
+    def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        try:
+            self._b().acquire_lease(tags, token, ttl)
+        except BackendError as exc:
+            self._failed("lease", exc)
+            self.owe(tags)
+            return
+        except BaseException:
+            self.owe(tags)  # interrupted: see bump()
+            raise
+        with self._owed_lock:
+            self._held.add(token)
+
+    def release_lease(self, tags: Sequence[str], token: str) -> None:
+        self.stats.incr("invalidations")
+        with self._owed_lock:
+            held = token in self._held
+            self._held.discard(token)
+        try:
+            self._b().release_lease(tags, token)
+        except BackendError as exc:
+            self._failed("release", exc)
+            self._owe_release(tags, token, held)
+        except BaseException:
+            self._owe_release(tags, token, held)  # interrupted: see bump()
+            raise
+
+    def _owe_release(self, tags: Sequence[str], token: str, held: bool) -> None:
+        self.owe(tags)
+        if not held:
+            return
+        with self._owed_lock:
+            if len(self._owed_releases) >= _OWED_LIMIT:
+                # The oldest lease has expired by itself long ago.
+                self._owed_releases.pop(next(iter(self._owed_releases)))
+            self._owed_releases[token] = tuple(tags)
+
+    def clear(self) -> None:
+        # An administrative sweep, reached only from the sync cache.clear(): always the
+        # sync backend (an event loop's twin need not implement it).
+        try:
+            self.backend.clear()
+        except BackendError as exc:
+            self._failed("clear", exc)
+            self.owe([NAMESPACE_TAG])

@@ -1,0 +1,421 @@
+"""The one read path: memoize and FromCache both come through :meth:`ReadPath.run`.
+
+A caller describes a cached read with a :class:`Recipe` (how to compute, encode and decode
+its value, which tags it depends on if it knows them, its TTLs) and a key. Everything
+that makes the result trustworthy happens here, once:
+
+1. **Serve rule.** Some reads must not use the cache at all: the caller's own reason
+   (a locking read, a non-deterministic function, an older REPEATABLE READ snapshot), a
+   transaction in this context that has written what the read depends on, or an
+   enclosing memoized computation that must see every read of this one. Those compute
+   (counted as bypasses) and store nothing.
+2. **Lookup.** One backend read. An entry that fails to parse is counted as corrupt,
+   deleted and treated as a miss; stale-while-revalidate and early refresh are decided
+   from the entry's header.
+3. **Snapshot, compute, store.** On a miss the generations of the read's tags are taken
+   *before* the computation reads the database, the computation runs inside a
+   :class:`~ormcache.protocol.ReadContext` that collects every read it makes, and the
+   value is stored with a compare-and-set against those generations. The store rule
+   refuses what may not be current: a read that overlapped a commit, a transaction
+   with uncommitted writes, instances taken from the identity map rather than loaded.
+   A value the codec cannot store takes the uncacheable path (``strict`` raises).
+4. **Stampede control.** Concurrent misses on one key compute once: single-flight in
+   the process, a backend lock across processes, bounded waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from .aio import greenlet_spawn, in_bridge, pause, wait_for
+from .errors import CorruptPayloadError, UncacheableValueError
+from .protocol import (
+    NAMESPACE_TAG,
+    ReadContext,
+    active_reads,
+    begin_call,
+    end_call,
+    pending_write_tags,
+    pop_reads,
+    push_reads,
+)
+
+if TYPE_CHECKING:
+    from .backends.base import Snapshot
+    from .core import Core
+
+__all__ = ["ReadPath", "Recipe", "pending_blocks"]
+
+logger = logging.getLogger("ormcache")
+
+T = TypeVar("T")
+
+# Every entry starts with (fresh until, seconds the computation took): what
+# stale-while-revalidate and early refresh need, in 17 bytes.
+_META = struct.Struct(">cdd")
+_META_TAG = b"m"
+
+
+class Recipe(Protocol[T]):
+    """How one kind of cached read is computed and stored; ``call`` is per invocation."""
+
+    name: str
+    ttl: float | None
+    negative_ttl: float | None
+    stale_ttl: float | None
+    early_refresh: float | None
+    strict: bool
+    single_flight: bool
+    #: True when the computation's own queries record what they read (memoize: the
+    #: session hooks do it); False when the recipe *is* one statement, whose tags
+    #: :meth:`tags` must then give.
+    tracked: bool
+
+    def tags(self, call: Any) -> Sequence[str] | None:
+        """The tags the value depends on, when known before computing (else None)."""
+
+    def tables(self, call: Any) -> frozenset[str] | None:
+        """Table names read, for the pending-write rule (None: any write counts)."""
+
+    def compute(self, call: Any) -> T: ...
+
+    def encode(self, value: T, on_instance: Callable[[object], None]) -> bytes:
+        """The payload; raises UncacheableValueError for values that cannot be stored."""
+
+    def decode(self, data: bytes, call: Any) -> T:
+        """The value; raises CorruptPayloadError (or TypeError/ValueError) if invalid."""
+
+    def loaded(self, value: T) -> Iterable[object]:
+        """ORM states a hit puts in front of the caller (for enclosing computations)."""
+
+
+def pending_blocks(tables: frozenset[str] | None) -> bool:
+    """Whether this context's uncommitted writes touch what a read depends on.
+
+    A transaction must see its own writes, and the cache holds only committed data, so
+    such a read goes to the database. ``tables`` None means the read's tables are unknown:
+    any pending write blocks it.
+    """
+    pending = pending_write_tags()
+    if not pending:
+        return False
+    if tables is None or NAMESPACE_TAG in pending:
+        return True
+    return any(t.split(":", 2)[1] in tables for t in pending if ":" in t)
+
+
+class ReadPath:
+    """Runs recipes against one cache's :class:`~ormcache.core.Core`."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._flights: dict[str, threading.Event] = {}
+        self._flights_lock = threading.Lock()
+        self._warned: set[str] = set()
+        # Background refresh tasks, kept referenced until done (loops hold tasks weakly).
+        self._tasks: set[object] = set()
+
+    # -- entry point -----------------------------------------------------------------
+    def run(
+        self,
+        recipe: Recipe[T],
+        key: str,
+        call: Any,
+        bypass: str | None = None,
+        *,
+        older_snapshot: bool = False,
+    ) -> T:
+        """The value for ``key``: served from the cache when that is sound, else computed.
+
+        ``bypass`` is the caller's reason why this read must not use the cache at all.
+        ``older_snapshot`` says the read sees a transaction snapshot older than now
+        (REPEATABLE READ after the transaction's first statement): it is neither served
+        nor stored, and no enclosing computation may store what it read either.
+        """
+        token = begin_call()
+        try:
+            return self._run(recipe, key, call, bypass, older_snapshot)
+        finally:
+            end_call(token)
+
+    def _run(self, recipe: Recipe[T], key: str, call: Any, bypass: str | None, older: bool) -> T:
+        core = self.core
+        outer = active_reads(core)
+        if older:
+            bypass = "it reads an older REPEATABLE READ snapshot"
+            for ctx in outer:
+                ctx.forbid(f"{recipe.name} read an older REPEATABLE READ snapshot")
+        if bypass is None and pending_blocks(recipe.tables(call)):
+            bypass = "the transaction has uncommitted writes to what it reads"
+        if bypass is None and outer and recipe.tracked:
+            # The enclosing computation must see every read this one makes.
+            bypass = "inside another memoized computation"
+        snap: Snapshot | None = None
+        if outer and not recipe.tracked:
+            # A statement inside a memoized computation: its generations are part of
+            # what the enclosing value depends on, taken before the database is read.
+            snap = self._record_outer(recipe, call, outer)
+        if bypass is not None:
+            core.stats.incr("bypasses")
+            logger.debug("ormcache: %s not cached: %s", recipe.name, bypass)
+            return recipe.compute(call)
+
+        found, value = self._lookup(recipe, key, call)
+        if found:
+            if outer:
+                states = list(recipe.loaded(value))
+                for ctx in outer:
+                    ctx.loaded.update(states)
+            return value  # type: ignore[no-any-return]
+        core.stats.incr("misses")
+        if recipe.single_flight and core.stampede_lock:
+            return self._compute_once(recipe, key, call, snap)
+        return self._compute(recipe, key, call, snap)
+
+    def _record_outer(
+        self,
+        recipe: Recipe[Any],
+        call: Any,
+        outer: Sequence[ReadContext],
+    ) -> Snapshot | None:
+        tags = recipe.tags(call)
+        if tags is None:
+            for ctx in outer:
+                ctx.forbid(f"{recipe.name} reads tables ormcache cannot determine")
+            return None
+        snap = self.core.guard.snapshot(tags)
+        for ctx in outer:
+            ctx.record(snap, recipe.name)
+        return snap
+
+    # -- lookup ----------------------------------------------------------------------
+    def lookup(self, recipe: Recipe[T], key: str, call: Any) -> tuple[bool, T | None]:
+        """A hit, or (False, None); corrupt entries are dropped on the way."""
+        return self._lookup(recipe, key, call)
+
+    def _lookup(self, recipe: Recipe[T], key: str, call: Any) -> tuple[bool, Any]:
+        core = self.core
+        data = core.guard.get(key)
+        if data is None:
+            return False, None
+        try:
+            tag, fresh_until, took = _META.unpack_from(data)
+            if tag != _META_TAG:
+                raise CorruptPayloadError("entry without its header")
+        except (CorruptPayloadError, struct.error) as exc:
+            return self._corrupt(recipe, key, exc)
+        now = time.time()
+        stale = now >= fresh_until
+        if stale:
+            # Past its TTL but kept for the stale window (entries a commit invalidated
+            # never get here: the backend already refused them).
+            if recipe.stale_ttl is None:
+                return False, None
+        elif recipe.early_refresh and took > 0:
+            # XFetch: recompute a little before expiry, more likely the closer it gets
+            # and the longer the computation takes, so expiry never stampedes.
+            gap = -took * recipe.early_refresh * math.log(random.random() or 1e-12)
+            if now + gap >= fresh_until:
+                core.stats.incr("early_refreshes")
+                return False, None
+        try:
+            value = recipe.decode(data[_META.size :], call)
+        except (CorruptPayloadError, TypeError, ValueError) as exc:
+            return self._corrupt(recipe, key, exc)
+        if stale:
+            self._refresh_in_background(recipe, key, call)
+            core.stats.incr("stale_hits")
+        core.stats.incr("hits")
+        return True, value
+
+    def _corrupt(self, recipe: Recipe[Any], key: str, exc: Exception) -> tuple[bool, None]:
+        core = self.core
+        core.stats.incr("corrupt")
+        core.guard.log.warning(
+            "corrupt", "ormcache: dropped an undecodable entry of %s: %s", recipe.name, exc
+        )
+        core.guard.delete([key])
+        return False, None
+
+    # -- compute and store -----------------------------------------------------------
+    def _compute(self, recipe: Recipe[T], key: str, call: Any, snap: Snapshot | None = None) -> T:
+        core = self.core
+        guard = core.guard
+        ctx = ReadContext(owner=core)
+        if recipe.tracked:
+            # Read before anything the function reads: a clear() or an untracked write
+            # that lands while it runs must fail the store below.
+            ctx.record(guard.snapshot([NAMESPACE_TAG]), "the namespace check")
+        else:
+            tags = recipe.tags(call)
+            if tags is None:
+                ctx.forbid(f"{recipe.name} reads tables ormcache cannot determine")
+            else:
+                ctx.record(snap if snap is not None else guard.snapshot(tags), recipe.name)
+        token = push_reads(ctx)
+        started = time.perf_counter()
+        try:
+            value = recipe.compute(call)
+        finally:
+            pop_reads(token)
+        took = time.perf_counter() - started
+        self._store(recipe, key, value, ctx, took)
+        return value
+
+    def _store(self, recipe: Recipe[T], key: str, value: T, ctx: ReadContext, took: float) -> None:
+        """The store rule, then a compare-and-set against the generations read first."""
+        core = self.core
+        if pending_write_tags():
+            ctx.forbid("the transaction has uncommitted writes")
+        if not ctx.storable or ctx.snapshot is None:
+            return
+        instances: list[object] = []
+        try:
+            payload = recipe.encode(value, instances.append)
+        except UncacheableValueError as exc:
+            self.uncacheable(recipe.name, exc, recipe.strict)
+            return
+        stale = stale_instance(instances, ctx) if core.tracks_loads else None
+        if stale is not None:
+            core.stats.incr("bypasses")
+            logger.debug(
+                "ormcache: not storing %s: %s came from the identity map, loaded before "
+                "this read, so it may predate the snapshot",
+                recipe.name,
+                stale,
+            )
+            return
+        ttl = recipe.ttl
+        if value is None and recipe.negative_ttl is not None:
+            ttl = recipe.negative_ttl
+        fresh_until = math.inf if ttl is None else time.time() + ttl
+        if ttl is not None and recipe.stale_ttl is not None:
+            ttl += recipe.stale_ttl
+        header = _META.pack(_META_TAG, fresh_until, took)
+        core.guard.store(key, header + payload, ttl, ctx.snapshot)
+
+    def uncacheable(self, name: str, exc: UncacheableValueError, strict: bool) -> None:
+        """Count a value that cannot be cached; raise in strict mode, else log once."""
+        self.core.stats.incr("uncacheable")
+        if strict:
+            raise exc
+        if name not in self._warned:
+            self._warned.add(name)
+            logger.warning(
+                "ormcache: %s returned a value that cannot be cached, so it is served "
+                "uncached (logged once): %s",
+                name,
+                exc,
+            )
+
+    # -- stampede control --------------------------------------------------------------
+    def _compute_once(
+        self,
+        recipe: Recipe[T],
+        key: str,
+        call: Any,
+        snap: Snapshot | None = None,
+        *,
+        refresh: bool = False,
+    ) -> T:
+        """Many concurrent misses on one key cost one computation.
+
+        Within the process, followers wait for the leader (single-flight); across
+        processes, the leader takes a lock in the backend and the others poll for the
+        stored value. Every wait is bounded by ``lock_wait``, after which a waiter computes
+        itself, so a dead lock holder (its lock also expires) never blocks anyone for long.
+        Followers read the stored entry rather than share the leader's objects, so each
+        caller gets its own instances. A background refresh (``refresh``) never waits: if
+        someone else is computing, it has nothing to do.
+        """
+        core = self.core
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = threading.Event()
+        if not leader:
+            if refresh:
+                return None  # type: ignore[return-value]
+            wait_for(flight, core.lock_wait)
+            found, value = self._lookup(recipe, key, call)
+            return value if found else self._compute(recipe, key, call)
+        try:
+            token = uuid.uuid4().hex
+            lock_key = "lk:" + key
+            taken = core.guard.lock(lock_key, token, core.lock_ttl)
+            if taken is False:
+                deadline = time.monotonic() + core.lock_wait
+                delay = 0.005
+                while time.monotonic() < deadline:
+                    pause(delay)
+                    delay = min(delay * 2, 0.05)
+                    if refresh:
+                        return None  # type: ignore[return-value]
+                    found, value = self._lookup(recipe, key, call)
+                    if found:
+                        return value  # type: ignore[no-any-return]
+                return self._compute(recipe, key, call)
+            try:
+                return self._compute(recipe, key, call, snap)
+            finally:
+                if taken:
+                    core.guard.unlock(lock_key, token)
+        finally:
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            flight.set()
+
+    def _refresh_in_background(self, recipe: Recipe[Any], key: str, call: Any) -> None:
+        with self._flights_lock:
+            if key in self._flights:
+                return
+        if in_bridge():
+            # An async caller: the refresh is a task of its event loop, like the call
+            # itself, never a thread (which has no loop to await on).
+            import asyncio
+
+            task = asyncio.get_running_loop().create_task(
+                greenlet_spawn(self._refresh, recipe, key, call)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        thread = threading.Thread(
+            target=self._refresh, args=(recipe, key, call), name="ormcache-refresh", daemon=True
+        )
+        thread.start()
+
+    def _refresh(self, recipe: Recipe[Any], key: str, call: Any) -> None:
+        token = begin_call()
+        try:
+            self._compute_once(recipe, key, call, refresh=True)
+        except Exception:
+            logger.warning("ormcache: background refresh of %s failed", recipe.name, exc_info=True)
+        finally:
+            end_call(token)
+
+
+def stale_instance(instances: Iterable[object], ctx: ReadContext) -> str | None:
+    """The first persistent ORM instance not loaded during ``ctx``, described, or None.
+
+    Such an instance came from the identity map, possibly from a read older than the
+    snapshot, so a value built from it is not stored.
+    """
+    if not instances:
+        return None
+    from sqlalchemy import inspect
+
+    for obj in instances:
+        state: Any = inspect(obj)
+        if state.key is not None and state not in ctx.loaded:
+            return f"{type(obj).__name__}{state.key[1]!r}"
+    return None
