@@ -9,8 +9,8 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache, FromCache
-from tests.conftest import SQLCounter
 from tests.models import Address, User, key_hash, seed
+from tests.support.sql import SQLCounter
 
 
 @pytest.fixture
