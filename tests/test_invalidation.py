@@ -1,4 +1,5 @@
-"""Every write path invalidates, on every database and backend (DESIGN §3)."""
+"""Every write path invalidates, on every database and backend (README "Guarantees and
+their limits", 3)."""
 
 from __future__ import annotations
 
