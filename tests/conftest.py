@@ -6,42 +6,13 @@ missing service fails them instead, so a green run always means the real thing r
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-REDIS_URL = os.environ.get("ORMCACHE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get(
-    "ORMCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-MARIADB_URL = os.environ.get(
-    "ORMCACHE_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
-)
-REQUIRE_SERVICES = os.environ.get("ORMCACHE_REQUIRE_SERVICES", "") not in ("", "0")
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def require_service(name: str, host: str, port: int) -> None:
-    """Skip (locally) or fail (CI) when a real service is not listening."""
-    if _reachable(host, port):
-        return
-    message = (
-        f"{name} is not reachable at {host}:{port}; start it (see .ci/run) "
-        "or unset ORMCACHE_REQUIRE_SERVICES to skip these tests locally"
-    )
-    if REQUIRE_SERVICES:
-        pytest.fail(message)
-    pytest.skip(message)
+from tests.support.services import MARIADB_URL, POSTGRES_URL, REDIS_URL, require_service
+from tests.support.sql import SQLCounter
 
 
 @pytest.fixture
@@ -75,26 +46,6 @@ def cache_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "memory://"
     else:
         yield request.getfixturevalue("redis_url")
-
-
-class SQLCounter:
-    """Counts statements sent to the database, the oracle for "a hit runs no SQL"."""
-
-    def __init__(self, engine: object) -> None:
-        from sqlalchemy import event
-
-        self.count = 0
-        self.statements: list[str] = []
-
-        def before(conn: object, cursor: object, statement: str, *args: object) -> None:
-            self.count += 1
-            self.statements.append(statement)
-
-        event.listen(engine, "before_cursor_execute", before)
-
-    def reset(self) -> None:
-        self.count = 0
-        self.statements.clear()
 
 
 @pytest.fixture

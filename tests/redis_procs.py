@@ -5,10 +5,8 @@ the shared server on 6379 is never touched."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,24 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-
-def free_port(*, bus: bool = False) -> int:
-    """A free port; with ``bus``, one whose cluster bus port (port + 10000) is free too,
-    which the kernel's ephemeral range (up to 60999) cannot promise."""
-    if not bus:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-    for _ in range(100):
-        port = random.randint(20000, 30000)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+from tests.support.net import free_port
 
 
 def _binary() -> str:

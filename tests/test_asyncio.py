@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import selectinload
 
 from ormcache import Cache, FromCache
-from tests.conftest import SQLCounter
 from tests.models import Base, User, key_hash, seed
+from tests.support.sql import SQLCounter
 
 pytestmark = pytest.mark.anyio
 
@@ -231,7 +231,7 @@ async def test_the_event_loop_never_uses_the_sync_redis_client(
 
 
 async def test_async_calls_go_through_when_redis_is_down(aengine: AsyncEngine) -> None:
-    from tests.redis_procs import free_port
+    from tests.support.net import free_port
 
     cache = Cache(f"redis://127.0.0.1:{free_port()}/0", namespace="down")
     Session, name_of = memoized_name(cache, aengine)

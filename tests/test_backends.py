@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +14,8 @@ from ormcache.backends.memory import MemoryBackend
 from ormcache.backends.redis import RedisBackend
 from ormcache.errors import BackendError, ConfigurationError
 from ormcache.testing import BackendContract
+from tests.support.net import free_port
+from tests.support.threads import run_threads
 
 
 class TestMemoryBackend(BackendContract):
@@ -102,24 +102,15 @@ class TestRedisBackend(BackendContract):
         assert snap is not None
         assert backend.set("k", b"v", 60, snap)
         seen: list[int] = []
-        errors: list[BaseException] = []
 
-        def read() -> None:
-            try:
-                for _ in range(200):
-                    assert backend.get("k") == b"v"
-                conn = backend._lane.conn
-                assert conn is not None
-                seen.append(id(conn))
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+        def read(n: int) -> None:
+            for _ in range(200):
+                assert backend.get("k") == b"v"
+            conn = backend._lane.conn
+            assert conn is not None
+            seen.append(id(conn))
 
-        threads = [threading.Thread(target=read) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        run_threads(read, 4)
         assert len(set(seen)) == 4
 
     def test_forked_child_reads_on_its_own_connection(self, backend: RedisBackend) -> None:
@@ -165,15 +156,9 @@ def test_managed_pools_keep_reads_on_the_pool(redis_url: str, namespace: str) ->
         backend.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreachable_redis_raises_backend_error_quickly() -> None:
     """Nothing listening: every call fails fast with a BackendError that says what to do."""
-    backend = RedisBackend.from_url(f"redis://127.0.0.1:{_free_port()}/0", "x", connect_timeout=0.2)
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0", "x", connect_timeout=0.2)
     start = time.monotonic()
     for call in (
         lambda: backend.get("k"),

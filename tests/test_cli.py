@@ -115,7 +115,7 @@ def test_usage_errors_say_what_to_do(args: list[str], message: str) -> None:
 
 
 def test_unreachable_redis_is_a_clear_failure() -> None:
-    from tests.redis_procs import free_port
+    from tests.support.net import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     result = run("--url", url, "invalidate", "users")

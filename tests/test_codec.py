@@ -45,6 +45,7 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 from ormcache import UncacheableValueError, as_dict
 from ormcache.codec import Codec
 from ormcache.errors import CorruptPayloadError
+from tests.support.threads import run_threads
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -466,30 +467,21 @@ def test_concurrent_decodes_of_one_payload_stay_independent(session: Session) ->
     codec = Codec()
     account = session.scalars(select(Account).options(selectinload(Account.lines))).one()
     payload = codec.encode(account)
-    errors: list[BaseException] = []
     start = threading.Barrier(4)
 
     def work(n: int) -> None:
-        try:
-            start.wait()
-            for i in range(300):
-                got = codec.decode(payload)
-                assert got.data == {"k": [1, 2, {"x": None}]}, got.data
-                assert [line.text for line in got.lines] == ["one", "two"]
-                got.data["k"].append(n)
-                got.data["k"][2]["x"] = n
-                got.lines.pop()
-                if n == 0 and i % 10 == 0:
-                    codec._parsed.clear()
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        start.wait()
+        for i in range(300):
+            got = codec.decode(payload)
+            assert got.data == {"k": [1, 2, {"x": None}]}, got.data
+            assert [line.text for line in got.lines] == ["one", "two"]
+            got.data["k"].append(n)
+            got.data["k"][2]["x"] = n
+            got.lines.pop()
+            if n == 0 and i % 10 == 0:
+                codec._parsed.clear()
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_threads(work, 4)
 
 
 def test_decode_into_reuses_held_identities_and_fills_only_gaps(session: Session) -> None:

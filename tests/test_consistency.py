@@ -1,4 +1,5 @@
-"""Read after commit, across processes, under real races (DESIGN §2).
+"""Read after commit, across processes, under real races (README "Guarantees and their
+limits", 2).
 
 The multi-process test is the heart of the consistency protocol: if any ordering of
 snapshot, store, lease and bump were wrong it would show up here as a stale read.

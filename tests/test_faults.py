@@ -1,5 +1,5 @@
 """The cache never takes the app down: real Redis processes killed, hung, flushed and
-restarted under load; and stampedes (DESIGN §6-7)."""
+restarted under load; and stampedes (README "Failure modes")."""
 
 from __future__ import annotations
 

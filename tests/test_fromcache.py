@@ -43,7 +43,8 @@ from sqlalchemy.orm import (
 )
 
 from ormcache import Cache, FromCache
-from tests.conftest import SQLCounter
+from tests.support.sql import SQLCounter
+from tests.support.threads import run_threads
 
 
 class Mood(enum.Enum):
@@ -381,37 +382,27 @@ def test_threads_with_built_and_shared_statements(oracle: Any) -> None:
     while the remembered statement keys are dropped under them: every result is the
     row its statement asks for."""
     import random
-    import threading
 
     from ormcache.sqla import fromcache
 
     _, Session, cache = oracle
     shared = {oid: select(Owner).where(Owner.id == oid).options(FromCache()) for oid in (1, 2, 3)}
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            for i in range(150):
-                oid = rng.choice((1, 2, 3))
-                with Session() as s:
-                    if rng.random() < 0.5:
-                        stmt = shared[oid]
-                    else:
-                        stmt = select(Owner).where(Owner.id == oid).options(FromCache())
-                    owner = s.scalars(stmt).one()
-                    assert (owner.id, owner.email) == (oid, f"o{oid}@example.com")
-                if seed == 0 and i % 25 == 0:
-                    fromcache._stmt_keys.clear()
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(150):
+            oid = rng.choice((1, 2, 3))
+            with Session() as s:
+                if rng.random() < 0.5:
+                    stmt = shared[oid]
+                else:
+                    stmt = select(Owner).where(Owner.id == oid).options(FromCache())
+                owner = s.scalars(stmt).one()
+                assert (owner.id, owner.email) == (oid, f"o{oid}@example.com")
+            if seed == 0 and i % 25 == 0:
+                fromcache._stmt_keys.clear()
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_threads(work, 4)
     assert cache.stats().hits > 0
 
 

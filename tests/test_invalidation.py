@@ -1,4 +1,5 @@
-"""Every write path invalidates, on every database and backend (DESIGN §3)."""
+"""Every write path invalidates, on every database and backend (README "Guarantees and
+their limits", 3)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache, FromCache
-from tests.conftest import SQLCounter
 from tests.models import Address, User, key_hash, seed
+from tests.support.sql import SQLCounter
 
 
 @pytest.fixture

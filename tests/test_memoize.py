@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import pytest
@@ -13,8 +12,9 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 
 from ormcache import Cache, OrmCacheError, UncacheableValueError
 from ormcache.errors import ConfigurationError
-from tests.conftest import SQLCounter
 from tests.models import Address, User, key_hash, seed
+from tests.support.sql import SQLCounter
+from tests.support.threads import run_threads
 
 
 def test_hit_returns_detached_snapshot_with_loaded_attributes(
@@ -292,21 +292,11 @@ def test_single_flight_is_not_required_but_threads_are_safe(cache: Cache) -> Non
     def square(x: int) -> int:
         return x * x
 
-    errors: list[BaseException] = []
-
     def worker(i: int) -> None:
-        try:
-            for j in range(50):
-                assert square((i + j) % 7) == ((i + j) % 7) ** 2
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for j in range(50):
+            assert square((i + j) % 7) == ((i + j) % 7) ** 2
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(worker, 8)
     assert cache.stats().hits > 0
 
 

@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache, UncacheableValueError, as_dict
-from tests.conftest import SQLCounter
 from tests.models import User, key_hash, seed
+from tests.support.sql import SQLCounter
 
 COLUMNS = ("id", "name", "email", "api_key_hash", "active", "balance", "created_at")
 

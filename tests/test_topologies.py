@@ -24,10 +24,10 @@ from ormcache.backends.redis import RedisBackend, parse_sentinel_url
 from ormcache.backends.redis_cluster import RedisClusterBackend
 from ormcache.errors import ConfigurationError
 from ormcache.testing import BackendContract
-from tests.conftest import SQLCounter
 from tests.fault_workers import lookup_fn
 from tests.models import User, key_hash, seed
 from tests.redis_procs import ClusterSetup, SentinelSetup
+from tests.support.sql import SQLCounter
 
 TIMEOUT = 0.2
 
@@ -358,7 +358,7 @@ def test_cluster_refuses_braces_in_namespace() -> None:
 def test_unreachable_cluster_at_start_up_is_an_outage_not_a_crash(sqlite_engine: Any) -> None:
     """A RedisCluster client connects as it is built; the cache must still start, and
     calls go to the database, while no node answers."""
-    from tests.redis_procs import free_port
+    from tests.support.net import free_port
 
     Session = sessionmaker(sqlite_engine, expire_on_commit=False)
     keys = seed(Session, n=1)

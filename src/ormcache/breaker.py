@@ -15,6 +15,9 @@ class CircuitBreaker:
     While open, callers skip the backend entirely and go straight to the database, so a
     backend that hangs until its read timeout cannot add that timeout to every request.
     After the cool-down one caller probes; success closes the breaker, failure re-opens it.
+
+    ``clock`` (monotonic seconds) is a parameter so the cool-down can be tested by moving
+    a clock by hand instead of sleeping (``tests/test_breaker.py``).
     """
 
     __slots__ = ("_clock", "_failures", "_lock", "_opened_at", "_probing", "cooldown", "threshold")
@@ -52,6 +55,7 @@ class CircuitBreaker:
             return True
 
     def success(self) -> None:
+        """The backend answered: close the breaker and start counting failures afresh."""
         if self._failures or self._opened_at is not None:
             with self._lock:
                 self._failures = 0

@@ -17,7 +17,7 @@ from examples.keyservice.launch import ROOT, running_service
 
 @pytest.fixture(scope="module")
 def service(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+    from tests.support.services import POSTGRES_URL, REDIS_URL, require_service
 
     require_service("PostgreSQL", "127.0.0.1", 5432)
     require_service("Redis", "127.0.0.1", 6379)

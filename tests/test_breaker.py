@@ -1,0 +1,132 @@
+"""The circuit breaker on its own, driven by a hand-moved clock: a dead backend costs a
+few failures, then one probe per cool-down, never one timeout per call (README
+"Failure modes")."""
+
+from __future__ import annotations
+
+import threading
+
+from ormcache.breaker import CircuitBreaker
+from tests.support.clock import FakeClock
+from tests.support.threads import run_threads
+
+
+def make(threshold: int = 3, cooldown: float = 5.0) -> tuple[CircuitBreaker, FakeClock]:
+    clock = FakeClock()
+    return CircuitBreaker(threshold=threshold, cooldown=cooldown, clock=clock), clock
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    for _ in range(breaker.threshold):
+        breaker.failure()
+    assert breaker.is_open
+
+
+def test_closed_breaker_lets_every_call_through() -> None:
+    breaker, _ = make()
+    assert not breaker.is_open
+    assert all(breaker.allow() for _ in range(100))
+
+
+def test_opens_on_the_threshold_th_consecutive_failure_and_not_before() -> None:
+    """``failure()`` says which failure opened it, so the caller can log that once."""
+    breaker, _ = make(threshold=3)
+    assert breaker.failure() is False
+    assert breaker.failure() is False
+    assert breaker.allow()
+    assert not breaker.is_open
+    assert breaker.failure() is True
+    assert breaker.is_open
+    assert not breaker.allow()
+
+
+def test_a_success_resets_the_count_of_consecutive_failures() -> None:
+    """Failures scattered among successes (a flaky network) never open the breaker."""
+    breaker, _ = make(threshold=3)
+    for _ in range(10):
+        breaker.failure()
+        breaker.failure()
+        breaker.success()
+    assert not breaker.is_open
+    assert breaker.allow()
+
+
+def test_open_breaker_refuses_every_call_until_the_cooldown_has_passed() -> None:
+    breaker, clock = make(cooldown=4.0)
+    trip(breaker)
+    clock.advance(3.75)
+    assert not any(breaker.allow() for _ in range(10))
+    clock.advance(0.25)
+    assert breaker.allow()
+
+
+def test_half_open_breaker_lets_exactly_one_probe_through() -> None:
+    """After the cool-down one caller probes; the others keep skipping the backend until
+    the probe reports, so a still-dead backend costs one timeout, not one per caller."""
+    breaker, clock = make()
+    trip(breaker)
+    clock.advance(60)
+    assert breaker.allow()
+    assert not any(breaker.allow() for _ in range(10))
+    clock.advance(60)
+    assert not breaker.allow(), "an unanswered probe is still the only probe"
+
+
+def test_a_successful_probe_closes_the_breaker() -> None:
+    breaker, clock = make(threshold=3)
+    trip(breaker)
+    clock.advance(5)
+    assert breaker.allow()
+    breaker.success()
+    assert not breaker.is_open
+    assert all(breaker.allow() for _ in range(10))
+    # The count started again: it takes the full threshold to open once more.
+    assert breaker.failure() is False
+    assert breaker.failure() is False
+    assert breaker.failure() is True
+
+
+def test_a_failed_probe_reopens_for_a_full_cooldown() -> None:
+    breaker, clock = make(cooldown=4.0)
+    trip(breaker)
+    clock.advance(7)
+    assert breaker.allow()
+    assert breaker.failure() is True, "the failed probe re-opens the breaker"
+    assert breaker.is_open
+    clock.advance(3.75)
+    assert not breaker.allow(), "the cool-down counts from the failed probe"
+    clock.advance(0.25)
+    assert breaker.allow()
+    assert not breaker.allow()
+
+
+def test_concurrent_callers_on_a_half_open_breaker_get_one_probe() -> None:
+    """Many threads arriving together after the cool-down: exactly one is let through."""
+    breaker, clock = make()
+    trip(breaker)
+    clock.advance(5)
+    start = threading.Barrier(8)
+    allowed: list[bool] = []
+
+    def call(n: int) -> None:
+        start.wait()
+        allowed.extend(breaker.allow() for _ in range(100))
+
+    run_threads(call, 8)
+    assert allowed.count(True) == 1
+
+
+def test_concurrent_failures_are_all_counted() -> None:
+    """Failures reported by many threads at once add up exactly: the breaker opens on
+    the threshold-th one, neither earlier nor later."""
+    breaker, _ = make(threshold=8 * 500)
+    start = threading.Barrier(8)
+    opened: list[bool] = []
+
+    def fail(n: int) -> None:
+        start.wait()
+        opened.extend(breaker.failure() for _ in range(500))
+
+    run_threads(fail, 8)
+    assert opened.count(True) == 1
+    assert breaker.is_open
