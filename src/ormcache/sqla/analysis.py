@@ -12,7 +12,6 @@ does not cache), an unknown write is the whole namespace.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +25,8 @@ from sqlalchemy.sql.util import find_tables
 
 from ormcache.protocol import NAMESPACE_TAG
 
+from .functions import FunctionRules
+from .rawsql import text_is_read, text_read_tags, text_write_tags
 from .tags import (
     any_partition_tag,
     instance_tags,
@@ -35,6 +36,7 @@ from .tags import (
 )
 
 __all__ = [
+    "FunctionRules",
     "bind_value",
     "dml_write_tags",
     "eq_terms",
@@ -46,6 +48,7 @@ __all__ = [
     "read_structure",
     "statement_read_tags",
     "text_is_read",
+    "text_read_tags",
     "text_write_tags",
 ]
 
@@ -179,10 +182,7 @@ def statement_read_tags(
     eager loads, inheritance) by the whole table.
     """
     if isinstance(stmt, TextClause):
-        names = _TEXT_READ_TABLES.findall(stmt.text)
-        if not names:
-            return None
-        return {f"t:{_unquote(n)}" for n in names}
+        return text_read_tags(stmt.text, dialect)
     if not isinstance(stmt, Select):
         return None
     structure = read_structure(stmt, dialect)
@@ -213,32 +213,6 @@ def partition_column_names(table: Table) -> frozenset[str]:
     if names is None:
         names = _partition_names[table] = frozenset(c.name for c in partition_columns(table))
     return names
-
-
-_TEXT_READ_TABLES = re.compile(r"\b(?:from|join)\s+([`\"\[]?[\w.]+[`\"\]]?)", re.IGNORECASE)
-_TEXT_WRITE_TABLES = re.compile(
-    r"\b(?:insert\s+(?:ignore\s+)?into|replace\s+into|update|delete\s+from|truncate(?:\s+table)?|"
-    r"merge\s+into)\s+([`\"\[]?[\w.]+[`\"\]]?)",
-    re.IGNORECASE,
-)
-_TEXT_IS_READ = re.compile(r"^\s*(select|with|values|show|explain)\b", re.IGNORECASE)
-
-
-def text_is_read(text: str) -> bool:
-    """Whether raw SQL only reads (anything else is treated as a write)."""
-    return _TEXT_IS_READ.match(text) is not None
-
-
-def _unquote(name: str) -> str:
-    return name.strip('`"[]')
-
-
-def text_write_tags(text: str) -> set[str]:
-    """Tables a textual DML names; the whole namespace when none can be found."""
-    names = _TEXT_WRITE_TABLES.findall(text)
-    if not names:
-        return {NAMESPACE_TAG}
-    return {t for n in names for t in (f"t:{_unquote(n)}", f"a:{_unquote(n)}")}
 
 
 def dml_write_tags(stmt: Any) -> set[str]:
