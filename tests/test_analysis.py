@@ -14,13 +14,20 @@ from sqlalchemy import (
     Column,
     ForeignKey,
     Integer,
+    Sequence,
     String,
     Table,
+    and_,
+    between,
+    case,
+    cast,
     delete,
     exists,
     func,
     insert,
+    literal,
     literal_column,
+    or_,
     select,
     text,
     union,
@@ -38,15 +45,18 @@ from sqlalchemy.orm import (
     selectinload,
     subqueryload,
 )
+from sqlalchemy.sql import functions as sa_functions
 
 from ormcache.protocol import NAMESPACE_TAG
 from ormcache.sqla.analysis import (
     FunctionRules,
     dml_write_tags,
+    select_write_tags,
     statement_read_tags,
     text_is_read,
     text_read_tags,
     text_write_tags,
+    uncacheable_reason,
 )
 from ormcache.sqla.tags import partition_tag
 
@@ -247,7 +257,6 @@ def test_schema_qualified_table() -> None:
 # --- SELECT: joins ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="today: ORM relationship joins are unseen")
 def test_inner_join_reads_both_tables() -> None:
     assert reads(select(User).join(User.addresses)) == t("users", "addresses")
 
@@ -257,13 +266,11 @@ def test_outer_join_reads_both_tables() -> None:
     assert reads(stmt) == t("users", "addresses")
 
 
-@pytest.mark.xfail(strict=True, reason="today: ORM relationship joins are unseen")
 def test_join_with_partition_on_the_primary_table() -> None:
     stmt = select(User).join(User.addresses).where(User.id == 1)
     assert reads(stmt) == p(users, "id", 1) | t("addresses")
 
 
-@pytest.mark.xfail(strict=True, reason="today: ORM relationship joins are unseen")
 def test_many_to_many_join_reads_the_association_table() -> None:
     stmt = select(User).join(User.groups)
     assert reads(stmt) == t("users", "user_groups", "groups")
@@ -279,7 +286,6 @@ def test_comma_join_reads_both_tables() -> None:
     assert reads(stmt) == t("users", "addresses")
 
 
-@pytest.mark.xfail(strict=True, reason="today: an alias keeps the partition")
 def test_self_join_through_aliased_reads_the_whole_table() -> None:
     """A partition on one alias says nothing of the rows the other alias reads."""
     parent = aliased(Node)
@@ -316,25 +322,21 @@ def test_selectinload_reads_the_related_table() -> None:
     assert reads(stmt) == t("users", "addresses")
 
 
-@pytest.mark.xfail(strict=True, reason="today: loader options miss the secondary table")
 def test_subqueryload_many_to_many_reads_the_association() -> None:
     stmt = select(User).options(subqueryload(User.groups))
     assert reads(stmt) == t("users", "user_groups", "groups")
 
 
-@pytest.mark.xfail(strict=True, reason="today: eager loads keep the partition")
 def test_self_referential_eager_load_on_a_primary_key_reads_the_whole_table() -> None:
     """The children are other rows of the same table: a partition tag is too narrow."""
     stmt = select(Node).where(Node.id == 1).options(joinedload(Node.children))
     assert reads(stmt) == t("nodes")
 
 
-@pytest.mark.xfail(strict=True, reason="today: lazy='selectin' relationships are not followed")
 def test_relationship_declared_selectin_is_read() -> None:
     assert reads(select(Order)) >= t("orders", "items")
 
 
-@pytest.mark.xfail(strict=True, reason="today: column_property subqueries are not read")
 def test_column_property_subquery_is_read() -> None:
     assert reads(select(Order).where(Order.id == 2)) == p(Order.__table__, "id", 2) | t("items")
 
@@ -362,7 +364,6 @@ def test_correlated_subquery_with_partition_outside() -> None:
     assert reads(select(User).where(User.id == 9, has)) == p(users, "id", 9) | t("addresses")
 
 
-@pytest.mark.xfail(strict=True, reason="today: a subquery keeps the partition")
 def test_same_table_subquery_reads_the_whole_table() -> None:
     """The subquery reads other rows of users: a partition on the outer query is too narrow."""
     sub = select(func.max(User.id)).scalar_subquery()
@@ -692,3 +693,252 @@ def test_volatile_builtins_read_but_do_not_write() -> None:
     sql = "SELECT random(), now(), current_user, nextval('s') FROM users"
     assert text_is_read(sql, "postgresql")
     assert text_read_tags(sql, "postgresql") == t("users")
+
+
+def test_core_update_of_a_table_with_orm_criteria() -> None:
+    """A Core UPDATE of a Table filtered by ORM attributes used to raise KeyError."""
+    stmt = update(users).where(User.id == Address.user_id).values(name="x")
+    assert dml_write_tags(stmt) == w("users")
+
+
+def test_multi_table_update_writes_every_table_it_sets() -> None:
+    """MySQL/MariaDB ``UPDATE users, addresses SET addresses.city = …``."""
+    stmt = (
+        update(users)
+        .values({users.c.name: "n", addresses.c.city: "c"})
+        .where(users.c.id == addresses.c.user_id)
+    )
+    assert dml_write_tags(stmt) == w("users", "addresses")
+
+
+def test_insert_from_a_deleting_cte_writes_both_tables() -> None:
+    gone = delete(addresses).returning(addresses.c.id, addresses.c.city).cte("gone")
+    stmt = insert(audit_log).from_select(["id", "message"], select(gone.c.id, gone.c.city))
+    assert dml_write_tags(stmt) == w("audit.log", "addresses")
+
+
+def test_text_fragment_inside_a_select_is_read() -> None:
+    stmt = select(User).where(text("users.id IN (SELECT user_id FROM addresses)"))
+    assert reads(stmt) == t("users", "addresses")
+
+
+def test_unparsable_text_fragment_makes_reads_unknown() -> None:
+    stmt = select(User).where(text("users.id IN ((( nonsense"))
+    assert reads(stmt) is None
+
+
+# --- the serve rule ---------------------------------------------------------------------
+
+seq = Sequence("order_numbers")
+
+NOT_CACHEABLE = {
+    "for update": select(User).with_for_update(),
+    "for share": select(User).with_for_update(read=True),
+    "nowait": select(User).with_for_update(nowait=True),
+    "skip locked": select(User).with_for_update(skip_locked=True),
+    "of": select(User).join(User.addresses).with_for_update(of=User),
+    "all forms": select(User).with_for_update(read=True, nowait=True, skip_locked=True, of=User),
+    "locked subquery": select(select(User.id).with_for_update().subquery().c.id),
+    "locked in": select(User).where(User.id.in_(select(Address.user_id).with_for_update())),
+    "locked cte": select(select(User.id).with_for_update().cte("c").c.id),
+    "locked union": union(select(User.id).with_for_update(), select(Address.user_id)),
+    "func.now": select(User).where(User.name == func.now()),
+    "func.NOW": select(User).where(User.name == func.NOW()),
+    "current_timestamp": select(func.current_timestamp()),
+    "sa now class": select(sa_functions.now()),
+    "current_date": select(User.id).where(User.name > func.current_date()),
+    "localtimestamp": select(func.localtimestamp()),
+    "random order": select(User).order_by(func.random()),
+    "rand": select(func.rand()),
+    "gen_random_uuid": select(func.gen_random_uuid()),
+    "sequence": select(seq.next_value()),
+    "func.next_value": select(func.next_value(seq)),
+    "current_user": select(sa_functions.current_user()),
+    "session_user": select(User).where(User.name == func.session_user()),
+    "user()": select(func.user()),
+    "database()": select(func.database()),
+    "last_insert_id": select(func.last_insert_id()),
+    "udf in where": select(User).where(func.is_allowed(User.id)),
+    "qualified udf": select(func.app.lower(User.name)),
+    "now in a join": select(User).join(Address, and_(Address.user_id == User.id, func.now() > 0)),
+    "now in a subquery": select(User).where(
+        User.id.in_(select(Address.user_id).where(Address.city != func.now()))
+    ),
+    "now in a cte": select(select(func.now().label("t")).cte("c")),
+    "now in group by": select(func.count()).select_from(User).group_by(func.now()),
+    "now inside coalesce": select(func.coalesce(User.name, func.now())),
+    "literal_column now": select(User.id, literal_column("now()")),
+    "literal_column current_user": select(literal_column("current_user")),
+    "text fragment now": select(User).where(text("users.created_at > now()")),
+    "text fragment 'now'": select(User).where(text("users.name > 'now'::timestamp")),
+    "text fragment udf": select(User).where(text("writes_audit(users.id)")),
+    "text fragment locking": select(User).from_statement(text("SELECT * FROM users FOR UPDATE")),
+    "update cte": select(
+        update(User).where(User.id == 1).values(name="x").returning(User.id).cte("u")
+    ),
+    "insert cte": select(insert(users).values(name="x").returning(users.c.id).cte("i")),
+    "delete cte": select(delete(addresses).returning(addresses.c.id).cte("d")),
+    "unparsable fragment": select(User).where(text("users.id IN ((( nonsense")),
+}
+
+
+@pytest.mark.parametrize("name", NOT_CACHEABLE)
+def test_never_cached(name: str) -> None:
+    reason = uncacheable_reason(NOT_CACHEABLE[name], "postgresql")
+    assert reason is not None
+
+
+CACHEABLE = {
+    "pk": select(User).where(User.id == 1),
+    "join": select(User).join(User.addresses).where(Address.city == "x"),
+    "outer join": select(User, Address).outerjoin(User.addresses),
+    "self join": select(Node).join(aliased(Node), Node.children),
+    "joinedload": select(User).options(joinedload(User.addresses)),
+    "selectinload": select(User).options(selectinload(User.groups)),
+    "selectin + column_property": select(Order),
+    "inheritance": select(Manager).where(Manager.budget > 1),
+    "in_": select(User).where(User.id.in_([1, 2, 3])),
+    "between": select(User).where(between(User.id, 1, 5)),
+    "like": select(User).where(User.name.like("a%"), User.email.ilike("%B%")),
+    "cast": select(cast(User.id, String)),
+    "case": select(case((User.id > 1, "big"), else_="small")),
+    "aggregates": select(
+        User.name,
+        func.count(Address.id),
+        func.sum(Address.id),
+        func.min(Address.id),
+        func.max(Address.id),
+        func.avg(Address.id),
+    )
+    .join(User.addresses)
+    .group_by(User.name)
+    .having(func.count(Address.id) > 1),
+    "string functions": select(
+        func.lower(User.name),
+        func.upper(User.name),
+        func.coalesce(User.name, ""),
+        func.length(User.name),
+        func.char_length(User.name),
+        func.trim(User.name),
+        func.substr(User.name, 1, 2),
+        func.concat(User.name, "x"),
+        func.nullif(User.name, ""),
+        func.round(User.id, 2),
+        func.abs(User.id),
+        func.greatest(User.id, 1),
+    ),
+    "window": select(
+        func.row_number().over(order_by=User.id),
+        func.rank().over(order_by=User.id),
+        func.dense_rank().over(order_by=User.id),
+    ),
+    "array_agg": select(func.array_agg(User.id), func.string_agg(User.name, ",")),
+    "json": select(func.json_extract(User.name, "$.a"), func.jsonb_build_object("a", User.id)),
+    "exists": select(User).where(exists().where(Address.user_id == User.id)),
+    "scalar subquery": select(
+        User.name,
+        select(func.count(Address.id)).where(Address.user_id == User.id).scalar_subquery(),
+    ),
+    "recursive cte": select(Node.id).where(
+        Node.id.in_(select(Node.id).cte("c", recursive=True).select())
+    ),
+    "union": union(select(User.id), select(Address.user_id)),
+    "literal": select(literal(1), literal_column("1"), User.id).where(or_(User.id == 1)),
+    "text fragment": select(User).where(text("users.id > 1 AND lower(users.name) = 'a'")),
+    "limit offset": select(User).order_by(User.id).limit(5).offset(10),
+    "distinct": select(User.name).distinct(),
+}
+
+
+@pytest.mark.parametrize("name", CACHEABLE)
+def test_ordinary_queries_are_cacheable(name: str) -> None:
+    assert uncacheable_reason(CACHEABLE[name], "postgresql") is None
+    assert select_write_tags(CACHEABLE[name], "postgresql") == set()
+
+
+def test_reasons_say_what_is_wrong() -> None:
+    lock = uncacheable_reason(select(User).with_for_update(skip_locked=True))
+    assert lock is not None
+    assert "FOR UPDATE SKIP LOCKED" in lock
+    assert "FOR SHARE" in (uncacheable_reason(select(User).with_for_update(read=True)) or "")
+    assert "now()" in (uncacheable_reason(select(func.now())) or "")
+    assert "random()" in (uncacheable_reason(select(func.random())) or "")
+    udf = uncacheable_reason(select(func.is_allowed(1))) or ""
+    assert "is_allowed()" in udf
+    assert "may write" in udf
+    cte = select(update(users).values(name="x").returning(users.c.id).cte("u"))
+    assert "writes users" in (uncacheable_reason(cte) or "")
+
+
+def test_allow_time_accepts_time_functions_only() -> None:
+    for stmt in (
+        select(User).where(User.name > func.now()),
+        select(func.current_timestamp()),
+        select(func.current_date()),
+        select(func.localtimestamp()),
+        select(User).where(text("users.name > now()")),
+        text("SELECT * FROM users WHERE created_at > CURRENT_TIMESTAMP"),
+    ):
+        assert uncacheable_reason(stmt, "postgresql") is not None
+        assert uncacheable_reason(stmt, "postgresql", allow_time=True) is None
+    for stmt in (
+        select(func.random(), func.now()),
+        select(seq.next_value()),
+        select(func.current_user()),
+        select(func.is_allowed(1), func.now()),
+        select(User).with_for_update(),
+    ):
+        assert uncacheable_reason(stmt, "postgresql", allow_time=True) is not None
+
+
+def test_writing_selects_report_their_writes() -> None:
+    upd = select(update(User).where(User.id == 1).values(name="x").returning(User.id).cte("u"))
+    assert select_write_tags(upd) == w("users")
+    ins = select(insert(addresses).values(city="x").returning(addresses.c.id).cte("i"))
+    assert select_write_tags(ins) == w("addresses")
+    assert select_write_tags(select(func.is_allowed(1))) == {NAMESPACE_TAG}
+    assert select_write_tags(select(User).where(text("writes_audit(users.id)"))) == {NAMESPACE_TAG}
+    assert select_write_tags(select(func.now(), func.random())) == set()
+    rules = FunctionRules(writes={"is_allowed": frozenset({"audit.log"})})
+    assert select_write_tags(select(func.is_allowed(1)), functions=rules) == w("audit.log")
+
+
+def test_declared_deterministic_function_is_cacheable() -> None:
+    rules = FunctionRules(deterministic=frozenset({"price_of"}))
+    stmt = select(func.price_of(User.id))
+    assert uncacheable_reason(stmt) is not None
+    assert uncacheable_reason(stmt, functions=rules) is None
+    stable = FunctionRules(read_only=frozenset({"price_of"}))
+    assert uncacheable_reason(stmt, functions=stable) is not None
+    assert select_write_tags(stmt, functions=stable) == set()
+
+
+TEXT_NOT_CACHEABLE = [
+    ("SELECT * FROM users FOR UPDATE", "postgresql"),
+    ("SELECT * FROM users FOR SHARE SKIP LOCKED", "postgresql"),
+    ("SELECT * FROM users WHERE id IN (SELECT id FROM users FOR UPDATE)", "postgresql"),
+    ("SELECT * FROM users LOCK IN SHARE MODE", "mysql"),
+    ("SELECT * FROM users WHERE created_at > now()", "postgresql"),
+    ("SELECT * FROM users WHERE created_at > 'now'", "postgresql"),
+    ("SELECT date('now')", "sqlite"),
+    ("SELECT * FROM users ORDER BY rand()", "mysql"),
+    ("SELECT uuid()", "mysql"),
+    ("SELECT nextval('s')", "postgresql"),
+    ("SELECT current_user", "postgresql"),
+    ("SELECT user", "postgresql"),
+    ("SELECT user()", "mysql"),
+    ("SELECT writing_fn()", "postgresql"),
+    ("WITH u AS (UPDATE users SET name = 'x' RETURNING id) SELECT * FROM u", "postgresql"),
+    ("SELECT 1; SELECT 2", "postgresql"),
+    ("garbage", "postgresql"),
+]
+
+
+@pytest.mark.parametrize(("sql", "dialect"), TEXT_NOT_CACHEABLE)
+def test_text_never_cached(sql: str, dialect: str) -> None:
+    assert uncacheable_reason(text(sql), dialect) is not None
+
+
+def test_text_plain_read_is_cacheable() -> None:
+    sql = "SELECT u.id, lower(u.name), count(*) FROM users u JOIN addresses a ON a.user_id = u.id"
+    assert uncacheable_reason(text(sql + " GROUP BY u.id, u.name"), "postgresql") is None

@@ -61,6 +61,9 @@ def sqlglot_dialect(name: str | None) -> str | None:
 class SqlFacts:
     """What one piece of SQL does, as far as caching cares.
 
+    ``reads`` holds every name a table reference may stand for; ``references`` has one
+    entry per reference (a self-join has two; a correlated column has none), each the
+    names that reference may stand for.
     ``understood`` is False when the text did not parse into exactly one statement of a
     kind this module knows; every other field is then empty and the text must be
     treated as a write to everything.
@@ -69,6 +72,7 @@ class SqlFacts:
     understood: bool
     is_query: bool = False
     reads: frozenset[str] = frozenset()
+    references: tuple[frozenset[str], ...] = ()
     writes: frozenset[str] = frozenset()
     writes_unknown: bool = False
     functions: frozenset[str] = frozenset()
@@ -188,12 +192,13 @@ def _qmark_placeholders(text: str, read: str | None) -> str:
 
 def _facts(tree: exp.Expr, read: str | None, is_query: bool) -> SqlFacts:
     ctes = {n for cte in tree.find_all(exp.CTE) for n in _variants(cte.args.get("alias"), read)}
-    reads: set[str] = set()
+    references: list[frozenset[str]] = []
     for table in tree.find_all(exp.Table):
         names = _table_names(table, read)
-        if table.args.get("db") is None and names & ctes:
-            continue
-        reads |= names
+        if not names or (table.args.get("db") is None and names & ctes):
+            continue  # a CTE's name
+        if not table.find_ancestor(exp.Lock):  # FOR UPDATE OF t names no new read
+            references.append(frozenset(names))
     written, unknown = _writes(tree, read)
     functions = {_function_name(f, read) for f in tree.find_all(exp.Func)}
     for column in tree.find_all(exp.Column):
@@ -214,7 +219,8 @@ def _facts(tree: exp.Expr, read: str | None, is_query: bool) -> SqlFacts:
     return SqlFacts(
         understood=True,
         is_query=is_query,
-        reads=frozenset(reads),
+        reads=frozenset().union(*references),
+        references=tuple(references),
         writes=frozenset(written),
         writes_unknown=unknown,
         functions=frozenset(functions),
