@@ -942,3 +942,17 @@ def test_text_never_cached(sql: str, dialect: str) -> None:
 def test_text_plain_read_is_cacheable() -> None:
     sql = "SELECT u.id, lower(u.name), count(*) FROM users u JOIN addresses a ON a.user_id = u.id"
     assert uncacheable_reason(text(sql + " GROUP BY u.id, u.name"), "postgresql") is None
+
+
+def test_a_statement_that_does_not_compile_is_read_by_whole_tables() -> None:
+    """Without the compiled SQL, ORM joins still count and no partition is trusted."""
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    stmt = (
+        select(User.id, func.array_agg(aggregate_order_by(Address.city, Address.id)))
+        .join(User.addresses)
+        .where(User.id == 1)
+        .group_by(User.id)
+    )
+    assert reads(stmt, dialect="postgresql") == p(users, "id", 1) | t("addresses")
+    assert reads(stmt, dialect="oracle") == t("users", "addresses")

@@ -227,7 +227,7 @@ def read_structure(
     if facts is None:
         # The SQL could not be read back: tables by whole table, unless there is text in
         # the statement whose tables only the SQL would tell.
-        return None if _has_text(stmt) else (set(tables), {})
+        return _fallback(stmt, tables)
     found = set(tables)
     known = {t.fullname for t in tables}
     counts = dict.fromkeys(known, 0)
@@ -261,6 +261,21 @@ def _stand_in(fullname: str) -> Table:
     return table if table is not None else Table(name, _STAND_INS, schema=schema or None)
 
 
+def _fallback(stmt: Any, tables: set[Table]) -> tuple[set[Table], dict[Any, Any]] | None:
+    """Whole tables from SQLAlchemy's own FROM computation (ORM joins included), or
+    None when that fails too or text in the statement may name more."""
+    if _has_text(stmt):
+        return None
+    try:
+        froms = stmt.get_final_froms() if isinstance(stmt, Select) else []
+    except Exception:  # the same constructs that did not compile
+        return None
+    found = set(tables)
+    for clause in froms:
+        found |= {t for t in find_tables(clause, include_aliases=True) if isinstance(t, Table)}
+    return found, {}
+
+
 def _compiled_facts(stmt: Any, dialect: str | None) -> SqlFacts | None:
     """The facts of the SQL the statement compiles to, as the database will see it.
 
@@ -268,12 +283,28 @@ def _compiled_facts(stmt: Any, dialect: str | None) -> SqlFacts | None:
     relationships, joined eager loads, ``column_property`` subqueries, loader criteria,
     and text fragments. None when it does not compile or parse.
     """
+    cache_key = stmt._generate_cache_key()
+    memo_key = None if cache_key is None else (cache_key.key, dialect)
+    if memo_key is not None and memo_key in _facts_memo:
+        return _facts_memo[memo_key]
     try:
         sql = str(stmt.compile(dialect=_sa_dialect(dialect), compile_kwargs=_RENDER))
     except Exception:  # exotic constructs: fall back to the conservative path
         return None
-    facts = sql_facts(sql, dialect)
-    return facts if facts.understood else None
+    facts: SqlFacts | None = sql_facts(sql, dialect)
+    if facts is not None and not facts.understood:
+        facts = None
+    if memo_key is not None:
+        if len(_facts_memo) >= _MEMO_LIMIT:
+            _facts_memo.clear()
+        _facts_memo[memo_key] = facts
+    return facts
+
+
+# SQLAlchemy's cache key -> the facts of the SQL it compiles to. Equal keys compile to the
+# same SQL up to bound values, which is what SQLAlchemy's own compiled cache relies on.
+_facts_memo: dict[tuple[Any, str | None], SqlFacts | None] = {}
+_MEMO_LIMIT = 4096
 
 
 _RENDER = {"render_postcompile": True}
