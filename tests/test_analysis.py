@@ -956,3 +956,21 @@ def test_a_statement_that_does_not_compile_is_read_by_whole_tables() -> None:
     )
     assert reads(stmt, dialect="postgresql") == p(users, "id", 1) | t("addresses")
     assert reads(stmt, dialect="oracle") == t("users", "addresses")
+
+
+def test_loader_criteria_reading_another_table_is_read() -> None:
+    from sqlalchemy.orm import with_loader_criteria
+
+    allowed = select(Address.user_id).where(Address.city == "x")
+    stmt = (
+        select(User).where(User.id == 1).options(with_loader_criteria(User, User.id.in_(allowed)))
+    )
+    # The criteria's subquery reads addresses; users is still read once, so its
+    # partition stays.
+    assert reads(stmt) == p(users, "id", 1) | t("addresses")
+
+
+def test_text_read_of_a_default_schema_name_matches_the_model() -> None:
+    """``public.users`` in a fragment is the ``users`` table of the model."""
+    stmt = select(User).where(text("users.id IN (SELECT id FROM public.users)"))
+    assert reads(stmt) == t("users")

@@ -81,7 +81,10 @@ class SqlFacts:
 
 
 _NOT_UNDERSTOOD = SqlFacts(understood=False)
-_QUERIES = (exp.Select, exp.SetOperation, exp.Values, exp.Subquery)
+# Older sqlglot releases name two of these classes differently (Union, AlterTable).
+_SET_OPERATION: type[exp.Expr] = getattr(exp, "SetOperation", None) or exp.Union
+_ALTER: type[exp.Expr] = getattr(exp, "Alter", None) or getattr(exp, "AlterTable")  # noqa: B009
+_QUERIES = (exp.Select, _SET_OPERATION, exp.Values, exp.Subquery)
 _WRITERS = (
     exp.Insert,
     exp.Update,
@@ -90,7 +93,7 @@ _WRITERS = (
     exp.TruncateTable,
     exp.Create,
     exp.Drop,
-    exp.Alter,
+    _ALTER,
 )
 _STATEMENTS = (*_QUERIES, *_WRITERS)
 # Bare words PostgreSQL (and the standard) evaluate as functions without parentheses.
@@ -242,7 +245,7 @@ def _writes(tree: exp.Expr, read: str | None) -> tuple[set[str], bool]:
                 targets += found
                 unknown = unknown or not found
             continue
-        if isinstance(node, (exp.Create, exp.Drop, exp.Alter)):
+        if isinstance(node, (exp.Create, exp.Drop, _ALTER)):
             kind = str(node.args.get("kind") or "").upper()
             if kind not in _DDL_KINDS or (isinstance(node, exp.Drop) and "INDEX" in kind):
                 unknown = True  # DROP INDEX ix, CREATE FUNCTION …: no table to name
