@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache
@@ -35,11 +35,15 @@ def app(redis_url: str, namespace: str, sqlite_engine: Any) -> Any:
     assert name_of(keys[0]) == "user0"
     assert cache.stats().hits == 1
 
+    # Another engine on the same database (another application): ormcache cannot see it.
+    outside = create_engine(sqlite_engine.url)
+
     def write_outside() -> None:
-        with sqlite_engine.begin() as conn:  # not attached: ormcache cannot see it
+        with outside.begin() as conn:
             conn.execute(text("UPDATE oc_users SET name = 'changed-' || name"))
 
     yield name_of, keys, write_outside, cache
+    outside.dispose()
     cache.clear()
     cache.close()
 

@@ -194,10 +194,14 @@ def test_engine_attach_tracks_core_writes(cache: Cache, db_engine: Any) -> None:
 @pytest.mark.parametrize("how", ["memoize", "fromcache"])
 def test_manual_invalidation_of_model_and_instance(env: Any, how: str) -> None:
     """Writes ormcache cannot see are fixed by ``cache.invalidate(Model | instance)``."""
-    cache, Session, engine = env
+    from sqlalchemy import create_engine
+
+    cache, Session, attached_engine = env
+    # Another engine on the same database (another application): invisible to the cache.
+    engine = create_engine(attached_engine.url)
     fn = lookups(cache, Session)[how]
     assert warm(fn, "key-0-secret") is not None
-    with engine.begin() as conn:  # not attached: invisible to the cache
+    with engine.begin() as conn:
         conn.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="x"))
     assert fn("key-0-secret").startswith("user0/")  # stale, as documented (TTL-bounded)
     cache.invalidate(User)
@@ -209,6 +213,7 @@ def test_manual_invalidation_of_model_and_instance(env: Any, how: str) -> None:
         assert user is not None
         cache.invalidate(user)
     assert fn("key-0-secret").startswith("y/")
+    engine.dispose()
 
 
 def test_read_your_writes_inside_a_transaction(env: Any) -> None:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.orm.exc import DetachedInstanceError
 
@@ -264,9 +264,12 @@ def test_an_expired_entry_never_reaches_the_merge_session(cache: Cache, sqlite_e
     assert first is not None
     user_id, old_name = first.id, first.name
     scoped.remove()
-    # A write ormcache cannot see (a plain connection): only the TTL bounds it.
-    with sqlite_engine.begin() as conn:
+    # A write ormcache cannot see (another engine, as another application would use):
+    # only the TTL bounds it.
+    outside = create_engine(sqlite_engine.url)
+    with outside.begin() as conn:
         conn.execute(update(User).where(User.id == user_id).values(name="renamed"))
+    outside.dispose()
     time.sleep(0.4)
     user = get_user(key)
     # The expired entry was refused before anything was decoded into the session (in

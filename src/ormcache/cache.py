@@ -20,7 +20,6 @@ from .stats import StatsSnapshot
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .sqla.tracking import Tracker
 
 __all__ = ["Cache"]
 
@@ -102,7 +101,7 @@ class Cache:
         self._core.owner = self
         self._reads = ReadPath(self._core)
         self._memoized: list[Memoized[Any, Any]] = []
-        self._trackers: dict[int, tuple[object, Tracker]] = {}
+        self._wiring: Any = None  # ormcache.sqla.tracking.Wiring, made on first attach()
         self._attached_scoped: scoped_session[Any] | None = None
 
     # -- settings ---------------------------------------------------------------------
@@ -284,28 +283,21 @@ class Cache:
         invalidates what it wrote before ``commit()`` returns. Attaching a target that is
         already attached does nothing (an application factory may run many times).
         """
-        from .sqla.tracking import install_load_listeners, make_tracker, sync_target
+        from .sqla.tracking import Wiring
 
         if isinstance(target, scoped_session):
             self._attached_scoped = target
-        sync = sync_target(target)
-        if id(sync) in self._trackers:
-            return
-        tracker = make_tracker(self._core, self._reads, sync)
-        install_load_listeners()
-        tracker.attach()
-        self._trackers[id(sync)] = (sync, tracker)
+        if self._wiring is None:
+            self._wiring = Wiring(self._core, self._reads)
+        self._wiring.attach(target)
         self._core.tracks_loads = True
 
     def detach(self, target: object) -> None:
         """Remove every listener ``attach(target)`` added; a target not attached is ignored."""
-        from .sqla.tracking import sync_target
-
         if target is self._attached_scoped:
             self._attached_scoped = None
-        found = self._trackers.pop(id(sync_target(target)), None)
-        if found is not None:
-            found[1].detach()
+        if self._wiring is not None:
+            self._wiring.detach(target)
 
     def _adopter(self, merge: MergeTarget) -> Adopter | None:
         """Where a memoize hit decodes its instances into (see ``Codec.decode``): the

@@ -17,6 +17,8 @@ is :class:`ormcache.guard.Guard`.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ __all__ = [
     "call_failed",
     "end_call",
     "mark_call_failed",
+    "next_seq",
     "pending_write_tags",
     "set_pending_write_tags",
 ]
@@ -53,8 +56,14 @@ class ReadContext:
     storable: bool = True
     reason: str = ""
     loaded: set[object] = field(default_factory=set)
+    #: tag -> sequence number (:func:`next_seq`) drawn before its generation was first
+    #: read: what decides whether a later read from an older transaction snapshot is
+    #: still covered by generations read before that snapshot began.
+    first_seen: dict[str, int] = field(default_factory=dict)
 
-    def record(self, snap: Snapshot | None, what: str = "a query") -> None:
+    def record(self, snap: Snapshot | None, what: str = "a query", seq: int = 0) -> None:
+        """Merge the generations read before one database read (``seq`` drawn before
+        they were read)."""
         if not self.storable:
             return
         if snap is None:
@@ -63,8 +72,19 @@ class ReadContext:
         merged = snap if self.snapshot is None else self.snapshot.merge(snap)
         if merged is None:
             self.forbid("a commit changed the data between two reads of this computation")
-        else:
-            self.snapshot = merged
+            return
+        self.snapshot = merged
+        for tag in snap.tags:
+            self.first_seen.setdefault(tag, seq)
+
+    def covers(self, tags: Iterable[str], began: int) -> bool:
+        """Whether every tag's generation was read before sequence point ``began``.
+
+        A statement that reads a transaction snapshot taken at ``began`` (REPEATABLE
+        READ) sees data as of then; generations read before then still describe it.
+        """
+        first = self.first_seen
+        return all(first.get(tag, began) < began for tag in tags)
 
     def forbid(self, reason: str) -> None:
         if self.storable:
@@ -76,6 +96,14 @@ _reads: ContextVar[tuple[ReadContext, ...]] = ContextVar("ormcache_reads", defau
 #: Set when a backend call failed during the current cached call: the rest of that call
 #: skips the backend, so one call never waits for more than one timeout.
 _call_failed: ContextVar[bool] = ContextVar("ormcache_call_failed", default=False)
+
+
+_seq = itertools.count(1)
+
+
+def next_seq() -> int:
+    """A process-wide increasing sequence number (orders snapshots and transactions)."""
+    return next(_seq)
 
 
 def call_failed() -> bool:

@@ -43,6 +43,7 @@ from .protocol import (
     active_reads,
     begin_call,
     end_call,
+    next_seq,
     pending_write_tags,
     pop_reads,
     push_reads,
@@ -158,7 +159,7 @@ class ReadPath:
         if bypass is None and outer and recipe.tracked:
             # The enclosing computation must see every read this one makes.
             bypass = "inside another memoized computation"
-        snap: Snapshot | None = None
+        snap: tuple[Snapshot | None, int] | None = None
         if outer and not recipe.tracked:
             # A statement inside a memoized computation: its generations are part of
             # what the enclosing value depends on, taken before the database is read.
@@ -185,16 +186,17 @@ class ReadPath:
         recipe: Recipe[Any],
         call: Any,
         outer: Sequence[ReadContext],
-    ) -> Snapshot | None:
+    ) -> tuple[Snapshot | None, int] | None:
         tags = recipe.tags(call)
         if tags is None:
             for ctx in outer:
                 ctx.forbid(f"{recipe.name} reads tables ormcache cannot determine")
             return None
+        seq = next_seq()
         snap = self.core.guard.snapshot(tags)
         for ctx in outer:
-            ctx.record(snap, recipe.name)
-        return snap
+            ctx.record(snap, recipe.name, seq)
+        return snap, seq
 
     # -- lookup ----------------------------------------------------------------------
     def lookup(self, recipe: Recipe[T], key: str, call: Any) -> tuple[bool, T | None]:
@@ -246,20 +248,30 @@ class ReadPath:
         return False, None
 
     # -- compute and store -----------------------------------------------------------
-    def _compute(self, recipe: Recipe[T], key: str, call: Any, snap: Snapshot | None = None) -> T:
+    def _compute(
+        self,
+        recipe: Recipe[T],
+        key: str,
+        call: Any,
+        snap: tuple[Snapshot | None, int] | None = None,
+    ) -> T:
         core = self.core
         guard = core.guard
         ctx = ReadContext(owner=core)
         if recipe.tracked:
             # Read before anything the function reads: a clear() or an untracked write
             # that lands while it runs must fail the store below.
-            ctx.record(guard.snapshot([NAMESPACE_TAG]), "the namespace check")
+            seq = next_seq()
+            ctx.record(guard.snapshot([NAMESPACE_TAG]), "the namespace check", seq)
         else:
             tags = recipe.tags(call)
             if tags is None:
                 ctx.forbid(f"{recipe.name} reads tables ormcache cannot determine")
+            elif snap is not None:
+                ctx.record(snap[0], recipe.name, snap[1])
             else:
-                ctx.record(snap if snap is not None else guard.snapshot(tags), recipe.name)
+                seq = next_seq()
+                ctx.record(guard.snapshot(tags), recipe.name, seq)
         token = push_reads(ctx)
         started = time.perf_counter()
         try:
@@ -322,7 +334,7 @@ class ReadPath:
         recipe: Recipe[T],
         key: str,
         call: Any,
-        snap: Snapshot | None = None,
+        snap: tuple[Snapshot | None, int] | None = None,
         *,
         refresh: bool = False,
     ) -> T:

@@ -1,20 +1,38 @@
 """Event wiring: what attached sessions and engines read and write, and when they commit.
 
-Every listener is a bound method of a tracker, registered by ``attach()`` and removed by
-``detach()``; attaching the same target twice is a no-op. A tracker does no analysis
-itself: it asks ``analysis`` which tags a statement reads or writes, hands reads to the
-read path, and feeds writes to the transaction record, whose write lease brackets COMMIT:
+Every listener is a bound method, registered by ``attach()`` and removed by ``detach()``;
+attaching the same target twice is a no-op. The wiring does no analysis itself: it asks
+``analysis`` which tags a statement reads or writes, and hands the answers on.
+
+**Writes** are seen at one point every path crosses: the cursor events of every engine an
+attached session binds to (an attached sessionmaker covers its engines without a second
+``attach``). ORM unit of work, ORM and Core DML, bulk APIs, ``text()`` and driver SQL all
+arrive there. A flush also reports its rows precisely (partition tags, old values of
+changed rows); what a flush sends that its own analysis does not cover (association rows,
+rows written by flush hooks) is tagged by table. Each write goes into the transaction
+record of its connection (or session), whose write lease brackets COMMIT:
 
 * before COMMIT: lease (which bumps) every tag the transaction wrote;
 * after COMMIT (or rollback): bump again and release, before ``commit()`` returns.
 
 A reader whose snapshot predates the lease fails its compare-and-set; one that falls
 inside the lease gets no snapshot and stores nothing; one after the release sees the
-committed data.
+committed data. Until then this context's reads of the written tables bypass the cache,
+so a transaction sees its own writes and nothing uncommitted is ever stored. On an
+AUTOCOMMIT connection each write commits as it runs, so each is leased and released
+around its own execution.
+
+**Reads** inside a memoized computation are recorded from the statement actually sent
+(eager loads, ``column_property`` subqueries and loader criteria included), with the
+parameter values of that execution. A statement that reads an older transaction snapshot
+(REPEATABLE READ or SERIALIZABLE after the transaction's first statement), or that runs
+on an engine this cache does not watch, makes the computation unstorable.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -22,26 +40,23 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, sessionmaker
-from sqlalchemy.sql import Delete, Insert, Select, Update
-from sqlalchemy.sql.elements import TextClause
 
 from ormcache.errors import ConfigurationError
-from ormcache.protocol import NAMESPACE_TAG, active_reads, set_pending_write_tags
+from ormcache.protocol import NAMESPACE_TAG, active_reads, next_seq, set_pending_write_tags
 
 from . import fromcache
-from .analysis import (
-    dml_write_tags,
-    flush_write_tags,
-    statement_read_tags,
-    text_is_read,
-    text_write_tags,
-)
+from .analysis import flush_write_tags
+from .execution import execution_read_tags, execution_write_tags
 
 if TYPE_CHECKING:
     from ormcache.core import Core
     from ormcache.readpath import ReadPath
 
-__all__ = ["EngineTracker", "SessionTracker", "Tracker", "make_tracker", "sync_target"]
+__all__ = ["Wiring", "sync_target"]
+
+logger = logging.getLogger("ormcache")
+
+_SNAPSHOT_LEVELS = frozenset(("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"))
 
 
 # -- load tracking ------------------------------------------------------------------
@@ -71,15 +86,26 @@ def install_load_listeners() -> None:
 
 # -- transaction records ---------------------------------------------------------------
 class TxRecord:
-    """One transaction's bookkeeping for one cache: tags written, and the lease if taken."""
+    """One transaction's writes for one cache, and its lease once taken."""
 
-    __slots__ = ("lease_tags", "statements", "token", "written")
+    __slots__ = ("lease_tags", "token", "written")
 
     def __init__(self) -> None:
-        self.statements = 0
         self.written: set[str] = set()
         self.token: str | None = None
         self.lease_tags: set[str] = set()
+
+    def add(self, core: Core, tags: set[str]) -> None:
+        new = tags - self.written
+        if not new:
+            return
+        self.written |= new
+        # This context's reads of these tags bypass the cache until the transaction ends.
+        set_pending_write_tags(id(self), frozenset(self.written))
+        # A write after the lease was taken (commit's own flush loop) is leased too.
+        if self.token is not None:
+            core.guard.acquire_lease(sorted(new), self.token, core.lease_ttl)
+            self.lease_tags |= new
 
     def lease(self, core: Core) -> None:
         """Before COMMIT: lease (which bumps) everything written so far, once."""
@@ -88,157 +114,353 @@ class TxRecord:
             self.lease_tags = set(self.written)
             core.guard.acquire_lease(sorted(self.lease_tags), self.token, core.lease_ttl)
 
-    def release(self, core: Core) -> None:
-        """After COMMIT (or rollback): bump again and drop the lease, if one was taken."""
+    def finish(self, core: Core) -> None:
+        """After COMMIT or rollback: bump again and drop the lease, if one was taken."""
+        set_pending_write_tags(id(self), frozenset())
         if self.token is not None:
             core.guard.release_lease(sorted(self.lease_tags), self.token)
+            self.token = None
 
 
-def record_read(core: Core, tags: set[str] | None, what: str) -> None:
-    """Note a plain (uncached) read in the computations of ``core`` that are running."""
-    contexts = active_reads(core)
-    if not contexts:
-        return
-    if tags is None:
-        for ctx in contexts:
-            ctx.forbid(f"{what} reads tables ormcache cannot determine")
-        return
-    snap = core.guard.snapshot(sorted(tags | {NAMESPACE_TAG}))
-    for ctx in contexts:
-        ctx.record(snap, what)
+# -- per-connection state ----------------------------------------------------------------
+class _ConnState:
+    """What one cache knows of one DBAPI connection's current transaction."""
+
+    __slots__ = ("began", "record", "statements")
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.began = 0
+        self.record = TxRecord()
 
 
-class Tracker:
-    """Listeners of one cache on one target; ``detach()`` removes exactly these."""
+#: While a session of this context flushes: the tags its statements write at the cursor
+#: level (the flush's own analysis then decides which of them it already covers).
+_flushing: contextvars.ContextVar[list[set[str]] | None] = contextvars.ContextVar(
+    "ormcache_flushing", default=None
+)
 
-    def __init__(self, core: Core, reads: ReadPath, target: Any) -> None:
-        self.core = core
-        self.reads = reads
-        self.target = target
-        # Per cache: two caches attached to one session each keep their own record.
-        self.info_key = ("ormcache.tx", id(self))
+
+def isolation_level(conn: Connection) -> str:
+    """The isolation level a connection runs at, as far as SQLAlchemy set it.
+
+    The execution option wins (``session.connection(execution_options=...)``,
+    ``engine.execution_options(...)``, ``create_engine(isolation_level=...)``); otherwise
+    the level the server reported when the connection was made.
+    """
+    level = conn.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(conn.dialect, "_on_connect_isolation_level", None) or getattr(
+            conn, "default_isolation_level", None
+        )
+    return str(level or "").upper()
+
+
+def _autocommit(conn: Connection) -> bool:
+    check = getattr(conn, "_is_autocommit_isolation", None)
+    if check is not None:
+        return bool(check())
+    return isolation_level(conn) == "AUTOCOMMIT"  # pragma: no cover - other SQLAlchemy
+
+
+class EngineWatch:
+    """The cursor-level listeners of one cache on one engine."""
+
+    def __init__(self, wiring: Wiring, engine: Engine) -> None:
+        self.wiring = wiring
+        self.core = wiring.core
+        self.engine = engine
+        self.key = ("ormcache.conn", id(self))
+        self.owners: set[int] = set()
         self._listeners: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        for name in ("before_cursor_execute", "after_cursor_execute", "begin", "commit"):
+            self._listen(self.engine, name, getattr(self, name))
+        self._listen(self.engine, "rollback", self.rollback)
+        self._listen(self.engine.pool, "checkin", self.checkin)
 
     def _listen(self, target: Any, name: str, fn: Any) -> None:
         event.listen(target, name, fn)
         self._listeners.append((target, name, fn))
 
-    def attach(self) -> None:
-        raise NotImplementedError
-
-    def detach(self) -> None:
+    def remove(self) -> None:
         for target, name, fn in reversed(self._listeners):
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
         self._listeners.clear()
 
-    def tx_in(self, info: dict[Any, Any]) -> TxRecord:
-        """The transaction record kept in a Session's or a Connection's ``info``."""
-        tx = info.get(self.info_key)
-        if tx is None:
-            tx = info[self.info_key] = TxRecord()
-        return tx
+    def state(self, info: dict[Any, Any]) -> _ConnState:
+        st = info.get(self.key)
+        if st is None:
+            st = info[self.key] = _ConnState()
+        return st
 
-
-class SessionTracker(Tracker):
-    """A Session class, sessionmaker or scoped_session: ORM reads, writes and commits."""
-
-    def attach(self) -> None:
-        for name in (
-            "after_flush",
-            "after_begin",
-            "do_orm_execute",
-            "before_commit",
-            "after_commit",
-            "after_soft_rollback",
-            "after_transaction_end",
-        ):
-            self._listen(self.target, name, getattr(self, name))
-
-    def _written(self, session: Session, tags: set[str]) -> None:
-        if not tags:
-            return
-        tx = self.tx_in(session.info)
-        new = tags - tx.written
-        tx.written |= tags
-        # This context's reads of these tags bypass the cache until the transaction ends.
-        set_pending_write_tags(id(session), frozenset(tx.written))
-        # A flush after the lease was taken (commit's own flush loop) must be leased too.
-        if tx.token is not None and new:
-            self.core.guard.acquire_lease(sorted(new), tx.token, self.core.lease_ttl)
-            tx.lease_tags |= new
-
-    def after_flush(self, session: Session, flush_context: Any) -> None:
-        self._written(session, flush_write_tags(session, self.core.codec.hash_salt))
-        self.tx_in(session.info).statements += 1
-
-    def after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
-        if transaction.parent is None:
-            self.tx_in(session.info).statements = 0
-
-    def do_orm_execute(self, state: ORMExecuteState) -> Result[Any] | None:
-        stmt = state.statement
-        core = self.core
-        if state.is_select:
-            option = fromcache.from_cache_option(state)
-            if option is not None and (option.cache is None or option.cache is core.owner):
-                fresh = self._snapshot_is_fresh(state)
-                self.tx_in(state.session.info).statements += 1
-                return fromcache.execute(core, self.reads, state, option, fresh)
-            if active_reads(core):
-                bind = state.session.get_bind(**state.bind_arguments)
-                params = state.parameters if isinstance(state.parameters, dict) else None
-                tags = statement_read_tags(
-                    stmt, params, core.codec.hash_salt, str(bind.dialect.name)
-                )
-                if not self._snapshot_is_fresh(state):
-                    for ctx in active_reads(core):
-                        ctx.forbid("a query read an older REPEATABLE READ snapshot")
-                record_read(core, tags, "a query")
-                self.tx_in(state.session.info).statements += 1
-            return None
-        if state.is_insert or state.is_update or state.is_delete:
-            self._written(state.session, dml_write_tags(stmt))
-        elif isinstance(stmt, TextClause):
-            if text_is_read(stmt.text):
-                if active_reads(core):
-                    record_read(core, statement_read_tags(stmt), "a text() query")
-            else:
-                self._written(state.session, text_write_tags(stmt.text))
-        return None
-
-    def _snapshot_is_fresh(self, state: ORMExecuteState) -> bool:
-        """False when this statement would read a transaction snapshot older than now.
+    def fresh(self, conn: Connection) -> bool:
+        """Whether the next statement on ``conn`` reads data as of now.
 
         Under REPEATABLE READ or SERIALIZABLE the snapshot is fixed by the transaction's
-        first statement, so only that statement's read is known to follow the generations
-        read just before it. SQLite (pysqlite) runs reads outside a transaction.
+        first statement, so only that one is known to follow the generations read just
+        before it. SQLite (pysqlite) runs reads outside a transaction.
         """
-        tx = state.session.info.get(self.info_key)
-        if tx is None or tx.statements == 0:
+        st = conn.info.get(self.key)
+        if st is None or st.statements == 0 or conn.dialect.name == "sqlite":
             return True
-        bind: Any = state.session.get_bind(**state.bind_arguments)
-        dialect = bind.dialect
-        if dialect.name == "sqlite":
-            return True
-        level = state.execution_options.get("isolation_level")
-        if level is None and hasattr(bind, "get_execution_options"):
-            level = bind.get_execution_options().get("isolation_level")
-        if level is None:
-            level = getattr(dialect, "default_isolation_level", None)
-        return str(level or "").upper() not in ("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT")
+        return isolation_level(conn) not in _SNAPSHOT_LEVELS
 
+    # -- events ----------------------------------------------------------------------
+    def before_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        st = self.state(conn.info)
+        first = st.statements == 0
+        st.statements += 1
+        try:
+            self._classify(conn, st, first, statement, context)
+        finally:
+            if first:
+                # The transaction's snapshot (REPEATABLE READ) begins with this
+                # statement: after every generation read so far.
+                st.began = next_seq()
+
+    def _classify(
+        self, conn: Connection, st: _ConnState, first: bool, statement: str, context: Any
+    ) -> None:
+        core = self.core
+        dialect = conn.dialect.name
+        writes = execution_write_tags(context, statement, dialect)
+        if writes is not None:
+            self._written(conn, st, writes, context)
+            return
+        contexts = active_reads(core)
+        if not contexts:
+            return
+        tags = execution_read_tags(context, statement, dialect, core.codec.hash_salt)
+        if tags is None:
+            for ctx in contexts:
+                ctx.forbid("a query reads tables ormcache cannot determine")
+            return
+        tags.add(NAMESPACE_TAG)
+        if not first and not self.fresh(conn):
+            # Data as of the transaction's first statement: sound only where every
+            # generation it depends on was read before that statement.
+            for ctx in contexts:
+                if not ctx.covers(tags, st.began):
+                    ctx.forbid("a query read an older REPEATABLE READ snapshot")
+            return
+        seq = next_seq()
+        snap = core.guard.snapshot(sorted(tags))
+        for ctx in contexts:
+            ctx.record(snap, "a query", seq)
+
+    def _written(self, conn: Connection, st: _ConnState, tags: set[str], context: Any) -> None:
+        core = self.core
+        if _autocommit(conn):
+            # Committed as it runs: lease now, release right after it (below).
+            token = uuid.uuid4().hex
+            ordered = sorted(tags)
+            core.guard.acquire_lease(ordered, token, core.lease_ttl)
+            context._ormcache_autocommit = (ordered, token)
+            return
+        flushing = _flushing.get()
+        if flushing is not None:
+            flushing.append(tags)
+            return
+        st.record.add(core, tags)
+
+    def after_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        leased = getattr(context, "_ormcache_autocommit", None)
+        if leased is not None:
+            context._ormcache_autocommit = None
+            self.core.guard.release_lease(*leased)
+
+    def begin(self, conn: Connection) -> None:
+        st = self.state(conn.info)
+        st.statements = 0
+        st.record.finish(self.core)
+
+    def commit(self, conn: Connection) -> None:
+        st = conn.info.get(self.key)
+        if st is not None:
+            st.record.lease(self.core)
+
+    def rollback(self, conn: Connection) -> None:
+        st = conn.info.get(self.key)
+        if st is not None:
+            st.statements = 0
+            st.record.finish(self.core)
+
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        st = None if record is None else record.info.get(self.key)
+        if st is not None:
+            st.statements = 0
+            st.record.finish(self.core)
+
+
+class SessionTracker:
+    """A Session class, sessionmaker or scoped_session: flushes, FromCache, commits."""
+
+    _EVENTS = (
+        "before_flush",
+        "after_flush",
+        "after_flush_postexec",
+        "after_begin",
+        "do_orm_execute",
+        "before_commit",
+        "after_commit",
+        "after_soft_rollback",
+        "after_transaction_end",
+    )
+
+    def __init__(self, wiring: Wiring, target: Any) -> None:
+        self.wiring = wiring
+        self.core = wiring.core
+        self.target = target
+        self.info_key = ("ormcache.tx", id(self))
+        self._listeners: list[tuple[Any, str, Any]] = []
+        self._flush_tokens: dict[int, contextvars.Token[list[set[str]] | None]] = {}
+
+    def install(self) -> None:
+        for name in self._EVENTS:
+            fn = getattr(self, name)
+            event.listen(self.target, name, fn)
+            self._listeners.append((self.target, name, fn))
+        for engine in _bound_engines(self.target):
+            self.wiring.watch(engine, self)
+
+    def remove(self) -> None:
+        for target, name, fn in reversed(self._listeners):
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        self._listeners.clear()
+
+    def record(self, session: Session) -> TxRecord:
+        tx = session.info.get(self.info_key)
+        if tx is None:
+            tx = session.info[self.info_key] = TxRecord()
+        return tx
+
+    # -- writes ------------------------------------------------------------------------
+    def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        self._flush_tokens[id(session)] = _flushing.set([])
+
+    def after_flush(self, session: Session, flush_context: Any) -> None:
+        tags = flush_write_tags(session, self.core.codec.hash_salt)
+        sent = _flushing.get() or []
+        covered = {t.split(":", 2)[1] for t in tags if t.startswith("t:")}
+        for written in sent:
+            # What the flush sent beyond the rows it reports (association rows, rows
+            # written by flush hooks): tagged by table.
+            if (
+                NAMESPACE_TAG in written
+                or not {t.split(":", 2)[1] for t in written if t.startswith("t:")} <= covered
+            ):
+                tags |= written
+        if tags:
+            self.record(session).add(self.core, tags)
+
+    def after_flush_postexec(self, session: Session, flush_context: Any) -> None:
+        token = self._flush_tokens.pop(id(session), None)
+        if token is not None:
+            try:
+                _flushing.reset(token)
+            except ValueError:  # pragma: no cover - reset from another context
+                _flushing.set(None)
+
+    def after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
+        self.wiring.watch(connection.engine, self)
+
+    # -- reads -------------------------------------------------------------------------
+    def do_orm_execute(self, state: ORMExecuteState) -> Result[Any] | None:
+        if not state.is_select:
+            return None
+        option = fromcache.from_cache_option(state)
+        core = self.core
+        if option is None or (option.cache is not None and option.cache is not core.owner):
+            return None
+        fresh = self._fresh(state)
+        return fromcache.execute(core, self.wiring.reads, state, option, fresh)
+
+    def _fresh(self, state: ORMExecuteState) -> bool:
+        session = state.session
+        tx = session.get_transaction()
+        if tx is None:
+            return True
+        bind: Any = session.get_bind(**state.bind_arguments)
+        try:
+            entry = tx._connections.get(bind)
+        except AttributeError:  # pragma: no cover - future SQLAlchemy
+            return bool(bind.dialect.name == "sqlite")
+        if entry is None:
+            return True
+        conn = entry[0]
+        watch = self.wiring.watches.get(id(conn.engine))
+        if watch is None:
+            return bool(bind.dialect.name == "sqlite")
+        return watch.fresh(conn)
+
+    # -- commit ------------------------------------------------------------------------
     def before_commit(self, session: Session) -> None:
         if session.in_nested_transaction():
             return
         # Flush now so every tag of this transaction is known before the lease.
         session.flush()
-        self.tx_in(session.info).lease(self.core)
+        tx = session.info.get(self.info_key)
+        if tx is None or not tx.written:
+            return
+        joined = self._joined_connections(session)
+        if joined:
+            # The session is joined into an outer transaction that it does not commit:
+            # its writes commit (or roll back) with that transaction, whose connection
+            # record carries them from here.
+            for conn in joined:
+                watch = self.wiring.watches.get(id(conn.engine))
+                if watch is not None:
+                    watch.state(conn.info).record.add(self.core, set(tx.written))
+            return
+        tx.lease(self.core)
+
+    @staticmethod
+    def _joined_connections(session: Session) -> list[Connection]:
+        tx = session.get_transaction()
+        if tx is None:
+            return []
+        try:
+            entries = tx._connections.values()
+        except AttributeError:  # pragma: no cover - future SQLAlchemy
+            return []
+        return [conn for conn, _trans, should_commit, _ in set(entries) if not should_commit]
 
     def after_commit(self, session: Session) -> None:
         if session.in_nested_transaction():
             return
         self._finish(session)
+        # The connections this session committed: their records are done too (a
+        # connection the application lent the session may never return to the pool).
+        tx = session.get_transaction()
+        try:
+            entries = set(tx._connections.values()) if tx is not None else set()
+        except AttributeError:  # pragma: no cover - future SQLAlchemy
+            entries = set()
+        for conn, _trans, should_commit, _ in entries:
+            watch = self.wiring.watches.get(id(conn.engine))
+            st = None if watch is None else conn.info.get(watch.key)
+            if should_commit and st is not None:
+                st.record.finish(self.core)
 
     def after_soft_rollback(self, session: Session, previous_transaction: Any) -> None:
         if previous_transaction.parent is None:
@@ -251,71 +473,91 @@ class SessionTracker(Tracker):
 
     def _finish(self, session: Session) -> None:
         tx = session.info.pop(self.info_key, None)
-        if tx is None:
-            return
-        set_pending_write_tags(id(session), frozenset())
-        tx.release(self.core)
-
-
-class EngineTracker(Tracker):
-    """Core-only applications: DML on connections of an engine.
-
-    There is no event after COMMIT on a Core connection, so the lease (with its bump) is
-    taken before COMMIT and released when the connection next begins or returns to the
-    pool; until then the leased tags are read through, never served stale.
-    """
-
-    def attach(self) -> None:
-        engine = self.target
-        for name in ("before_execute", "commit", "rollback", "begin"):
-            self._listen(engine, name, getattr(self, name))
-        self._listen(engine.pool, "checkin", self.checkin)
-
-    def _release(self, info: dict[Any, Any]) -> None:
-        tx = info.pop(self.info_key, None)
         if tx is not None:
-            tx.release(self.core)
+            tx.finish(self.core)
 
-    def before_execute(
-        self, conn: Connection, clauseelement: Any, multiparams: Any, params: Any, options: Any
-    ) -> None:
-        core = self.core
-        if isinstance(clauseelement, (Insert, Update, Delete)):
-            tags = dml_write_tags(clauseelement)
-        elif isinstance(clauseelement, TextClause) and not text_is_read(clauseelement.text):
-            tags = text_write_tags(clauseelement.text)
-        else:
-            if active_reads(core) and isinstance(clauseelement, (Select, TextClause)):
-                record_read(
-                    core,
-                    statement_read_tags(
-                        clauseelement, params or None, core.codec.hash_salt, conn.dialect.name
-                    ),
-                    "a query",
+
+def _bound_engines(target: Any) -> list[Engine]:
+    """Engines a sessionmaker or scoped_session is configured with, where known now."""
+    if isinstance(target, scoped_session):
+        target = target.session_factory
+    kw = getattr(target, "kw", None) or {}
+    found = [kw.get("bind"), *(kw.get("binds") or {}).values()]
+    engines: list[Engine] = []
+    for bind in found:
+        engine = getattr(bind, "engine", None)
+        if isinstance(engine, Engine):
+            engines.append(engine)
+    return engines
+
+
+class Wiring:
+    """All listeners of one cache: attach and detach them by target."""
+
+    def __init__(self, core: Core, reads: ReadPath) -> None:
+        self.core = core
+        self.reads = reads
+        self.targets: dict[int, tuple[object, SessionTracker | None]] = {}
+        self.watches: dict[int, EngineWatch] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, target: object) -> bool:
+        """Install listeners for ``target``; False if it was attached already."""
+        sync = sync_target(target)
+        with self._lock:
+            if id(sync) in self.targets:
+                return False
+            install_load_listeners()
+            if isinstance(sync, Engine):
+                self.targets[id(sync)] = (sync, None)
+                self.watch(sync, sync)
+            elif isinstance(sync, (sessionmaker, scoped_session)) or (
+                isinstance(sync, type) and issubclass(sync, Session)
+            ):
+                tracker = SessionTracker(self, sync)
+                self.targets[id(sync)] = (sync, tracker)
+                tracker.install()
+            else:
+                raise ConfigurationError(
+                    "cache.attach() takes a Session class, sessionmaker, scoped_session or "
+                    f"Engine, or their asyncio counterparts, got {target!r}"
                 )
-            return
-        self.tx_in(conn.info).written |= tags
+        return True
 
-    def commit(self, conn: Connection) -> None:
-        tx = conn.info.get(self.info_key)
-        if tx is not None:
-            tx.lease(self.core)
+    def detach(self, target: object) -> None:
+        sync = sync_target(target)
+        with self._lock:
+            found = self.targets.pop(id(sync), None)
+            if found is None:
+                return
+            owner, tracker = found
+            if tracker is not None:
+                tracker.remove()
+            for key, watch in list(self.watches.items()):
+                watch.owners.discard(id(tracker if tracker is not None else owner))
+                if not watch.owners:
+                    watch.remove()
+                    del self.watches[key]
 
-    def rollback(self, conn: Connection) -> None:
-        self._release(conn.info)
+    def watch(self, engine: Engine, owner: object) -> EngineWatch:
+        """The cursor-level listeners on ``engine``, installed once per cache."""
+        watch = self.watches.get(id(engine))
+        if watch is None or watch.engine is not engine:
+            watch = EngineWatch(self, engine)
+            watch.install()
+            self.watches[id(engine)] = watch
+        watch.owners.add(id(owner))
+        return watch
 
-    def begin(self, conn: Connection) -> None:
-        self._release(conn.info)
-
-    def checkin(self, dbapi_connection: Any, record: Any) -> None:
-        if record is not None:
-            self._release(record.info)
+    @property
+    def attached(self) -> bool:
+        return bool(self.targets)
 
 
 def sync_target(target: object) -> object:
     """The sync object behind an asyncio one: SQLAlchemy runs an AsyncSession's ORM work
     on a sync Session (in a greenlet), so that is where the hooks go. A sessionmaker's
-    or AsyncSession class's sync class is replaced by a subclass of its own, so only
+    or AsyncSession class's sync class is replaced by a subclass of its own, once, so only
     sessions made there are tracked, as with a sync sessionmaker."""
     try:
         from sqlalchemy.ext.asyncio import (
@@ -332,30 +574,16 @@ def sync_target(target: object) -> object:
         target = target.session_factory
     if isinstance(target, async_sessionmaker):
         base = target.kw.get("sync_session_class") or Session
-        if getattr(base, "_ormcache_tracked", False):
+        if "_ormcache_tracked" in vars(base):
             return base
         tracked = type(f"Tracked{base.__name__}", (base,), {"_ormcache_tracked": True})
         target.kw["sync_session_class"] = tracked
         return tracked
     if isinstance(target, type) and issubclass(target, AsyncSession):
         base = target.sync_session_class
-        if getattr(base, "_ormcache_tracked", False) and "_ormcache_tracked" in vars(base):
+        if "_ormcache_tracked" in vars(base):
             return base
         tracked = type(f"Tracked{base.__name__}", (base,), {"_ormcache_tracked": True})
         target.sync_session_class = tracked
         return tracked
     return target
-
-
-def make_tracker(core: Core, reads: ReadPath, target: object) -> Tracker:
-    """The tracker for a (sync) attach target; raises ConfigurationError for others."""
-    if isinstance(target, Engine):
-        return EngineTracker(core, reads, target)
-    if isinstance(target, (sessionmaker, scoped_session)) or (
-        isinstance(target, type) and issubclass(target, Session)
-    ):
-        return SessionTracker(core, reads, target)
-    raise ConfigurationError(
-        "cache.attach() takes a Session class, sessionmaker, scoped_session or Engine, "
-        f"or their asyncio counterparts, got {target!r}"
-    )

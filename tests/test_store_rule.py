@@ -1,0 +1,245 @@
+"""Store rule: only committed, current data is stored (README "Guarantees and their limits").
+
+Every test ends with the database as the oracle: after the scenario, a cached read in a
+fresh session must return exactly what an uncached read returns. Each scenario is
+spelled several ways (plain reads, FromCache, memoize; isolation set on the server, the
+engine or the connection; ORM, bulk, Core and driver SQL writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from ormcache import Cache, FromCache
+from tests.models import Base, User, seed
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+def world(cache: Cache, server_url: str) -> Iterator[dict[str, Any]]:
+    """Tables fresh on the server, an attached sessionmaker, and an unattached oracle."""
+    engine = create_engine(server_url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    seed(factory)
+    cache.attach(factory)
+    oracle = create_engine(server_url)  # never attached: the truth
+    yield {"cache": cache, "engine": engine, "Session": factory, "oracle": oracle}
+    oracle.dispose()
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def truth(world: dict[str, Any], user_id: int = 1) -> str:
+    with world["oracle"].connect() as conn:
+        return str(conn.execute(text(f"SELECT name FROM oc_users WHERE id = {user_id}")).scalar())
+
+
+def cached_name(session: Session, user_id: int = 1) -> str:
+    stmt = select(User.name).where(User.id == user_id).options(FromCache(ttl=60))
+    return str(session.execute(stmt).scalar_one())
+
+
+def assert_cache_agrees(world: dict[str, Any]) -> None:
+    """A cached read (twice: the second may be a hit) in fresh sessions equals the truth,
+    and so does a memoized lookup."""
+    expected = truth(world)
+    for _ in range(2):
+        with world["Session"]() as s:
+            assert cached_name(s) == expected
+    cache: Cache = world["cache"]
+    Session = world["Session"]
+
+    @cache.memoize(ttl=60)
+    def memo_name(user_id: int) -> str:
+        with Session() as s:
+            return str(s.scalars(select(User.name).where(User.id == user_id)).one())
+
+    assert memo_name(1) == expected
+    assert memo_name(1) == expected
+
+
+def commit_rename(world: dict[str, Any], name: str) -> None:
+    with world["Session"]() as s:
+        s.execute(update(User).where(User.id == 1).values(name=name))
+        s.commit()
+
+
+RR = "REPEATABLE READ"
+
+
+def _rr_session(world: dict[str, Any], how: str) -> Session:
+    """A session whose transaction runs at REPEATABLE READ, set in one of the ways an
+    application does it."""
+    engine = world["engine"]
+    if how == "connection":
+        s = world["Session"]()
+        s.connection(execution_options={"isolation_level": RR})
+        return s
+    if how == "engine":
+        rr_engine = engine.execution_options(isolation_level=RR)
+        return Session(bind=rr_engine, expire_on_commit=False)
+    if how == "sessionmaker":
+        return sessionmaker(engine.execution_options(isolation_level="SERIALIZABLE"))()
+    raise AssertionError(how)
+
+
+FIRST_READS: dict[str, Callable[[Session], object]] = {
+    "get": lambda s: s.get(User, 2),
+    "fromcache_miss": lambda s: s.execute(
+        select(User).where(User.id == 3).options(FromCache(ttl=60))
+    ).all(),
+    "text": lambda s: s.execute(text("SELECT count(*) FROM oc_users")).scalar(),
+    "core": lambda s: s.connection().execute(select(User.__table__.c.id)).all(),
+}
+
+
+@pytest.mark.parametrize("first", sorted(FIRST_READS))
+@pytest.mark.parametrize("how", ["connection", "engine", "sessionmaker"])
+def test_an_old_snapshot_is_never_stored(world: dict[str, Any], first: str, how: str) -> None:
+    """REPEATABLE READ / SERIALIZABLE: a transaction's later reads see its first
+    statement's snapshot; a commit in between must not make that old row current."""
+    s = _rr_session(world, how)
+    try:
+        FIRST_READS[first](s)
+        commit_rename(world, "after-snapshot")
+        # What the database answers inside the transaction: the old name from the
+        # snapshot (MariaDB's SERIALIZABLE reads lock instead, and see the new one).
+        assert cached_name(s) in ("user0", "after-snapshot")
+        s.rollback()
+    finally:
+        s.close()
+    assert truth(world) == "after-snapshot"
+    assert_cache_agrees(world)
+
+
+def test_mariadb_default_isolation_is_detected(cache: Cache, mariadb_url: str) -> None:
+    """MariaDB's default is REPEATABLE READ with no option set anywhere."""
+    engine = create_engine(mariadb_url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    seed(factory)
+    cache.attach(factory)
+    oracle = create_engine(mariadb_url)
+    world = {"cache": cache, "engine": engine, "Session": factory, "oracle": oracle}
+    try:
+        with factory() as s:
+            s.get(User, 2)
+            commit_rename(world, "later")
+            assert cached_name(s) == "user0"
+        assert_cache_agrees(world)
+    finally:
+        oracle.dispose()
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_a_memoized_function_with_two_queries_stores_no_old_snapshot(
+    world: dict[str, Any],
+) -> None:
+    """Inside one memoized call, a first query fixes the snapshot; a commit lands
+    before the second query of another table... of the same transaction."""
+    cache: Cache = world["cache"]
+    engine = world["engine"].execution_options(isolation_level=RR)
+    scoped = scoped_session(sessionmaker(engine, expire_on_commit=False))
+    cache.attach(scoped)
+    try:
+
+        @cache.memoize(ttl=60)
+        def both() -> tuple[int, str]:
+            count = scoped.execute(text("SELECT count(*) FROM oc_addresses")).scalar_one()
+            commit_rename(world, "between")
+            name = scoped.scalars(select(User.name).where(User.id == 1)).one()
+            return int(count), str(name)
+
+        assert both() == (6, "user0")  # what the snapshot shows
+        scoped.remove()
+        assert both() == (6, "between")
+    finally:
+        scoped.remove()
+
+
+# -- rollback -------------------------------------------------------------------------
+WRITES: dict[str, Callable[[Session], None]] = {
+    "bulk_update_mappings": lambda s: s.bulk_update_mappings(
+        User, [{"id": 1, "name": "uncommitted"}]
+    ),
+    "core_on_session_connection": lambda s: s.connection().execute(
+        update(User.__table__).where(User.__table__.c.id == 1).values(name="uncommitted")
+    ),
+    "driver_sql": lambda s: s.connection().exec_driver_sql(
+        "UPDATE oc_users SET name = 'uncommitted' WHERE id = 1"
+    ),
+    "orm_flush": lambda s: (setattr(s.get(User, 1), "name", "uncommitted"), s.flush()),  # type: ignore[func-returns-value]
+    "orm_dml": lambda s: s.execute(update(User).where(User.id == 1).values(name="uncommitted")),
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_a_rolled_back_write_is_never_stored(world: dict[str, Any], write: str) -> None:
+    """A transaction that wrote anything, through any path, stores nothing: its cached
+    reads see its own writes, and after rollback nobody sees them."""
+    with world["Session"]() as s:
+        WRITES[write](s)
+        assert cached_name(s) == "uncommitted"  # read your own writes
+        s.rollback()
+    assert truth(world) == "user0"
+    assert_cache_agrees(world)
+
+
+def test_a_joined_session_rolled_back_with_its_outer_transaction(
+    world: dict[str, Any],
+) -> None:
+    """SQLAlchemy's "join a Session into an external transaction" recipe: the session
+    commits (a savepoint), the outer transaction rolls back."""
+    engine = world["engine"]
+    with engine.connect() as conn:
+        outer = conn.begin()
+        s = Session(bind=conn, join_transaction_mode="create_savepoint")
+        user = s.get(User, 1)
+        assert user is not None
+        user.name = "inside-outer"
+        s.commit()
+        assert cached_name(s) == "inside-outer"
+        s.close()
+        with Session(bind=conn, join_transaction_mode="create_savepoint") as other:
+            assert cached_name(other) == "inside-outer"
+        outer.rollback()
+    assert truth(world) == "user0"
+    assert_cache_agrees(world)
+
+
+# -- AUTOCOMMIT --------------------------------------------------------------------------
+def test_autocommit_flush_then_rollback_leaves_nothing_stale(world: dict[str, Any]) -> None:
+    """On AUTOCOMMIT each statement commits as it runs; rollback() undoes nothing."""
+    assert_cache_agrees(world)
+    auto = world["engine"].execution_options(isolation_level="AUTOCOMMIT")
+    with sessionmaker(auto)() as s:
+        user = s.get(User, 1)
+        assert user is not None
+        user.name = "autocommitted"
+        s.flush()
+        s.rollback()
+    assert truth(world) == "autocommitted"
+    assert_cache_agrees(world)
+
+
+def test_core_on_an_autocommit_connection_is_seen(world: dict[str, Any]) -> None:
+    assert_cache_agrees(world)
+    with world["engine"].connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="auto"))
+        assert_cache_agrees(world)
+        conn.exec_driver_sql("UPDATE oc_users SET name = 'auto2' WHERE id = 1")
+        assert_cache_agrees(world)
+    assert truth(world) == "auto2"
