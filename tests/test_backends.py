@@ -234,3 +234,44 @@ def test_event_loop_twins_do_not_pile_up(redis_url: str, namespace: str) -> None
         assert len(backend._twins) == 1
     finally:
         backend.close()
+
+
+def test_every_redis_error_has_a_row_of_its_own_kind() -> None:
+    """Every exception class redis-py defines maps to advice for its kind (its own row
+    or a redis-py base's), never only to the catch-all: a new class outside redis-py's
+    hierarchy must be looked at, as httpx checks its transport error map."""
+    import redis.exceptions
+    import redis.sentinel
+
+    from ormcache.backends.redis.errors import row_for
+
+    classes = {
+        value
+        for module in (redis.exceptions, redis.sentinel)
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__.startswith("redis")
+    }
+    assert len(classes) > 20
+    assert sorted(c.__name__ for c in classes if row_for(c) in (None, Exception)) == []
+
+
+def test_client_errors_become_backend_errors_that_say_what_to_do(
+    redis_url: str, namespace: str
+) -> None:
+    """A refused command (here: the wrong type under a lock key) and a client-side
+    error both reach the cache as BackendError, chained to the original."""
+    import redis
+
+    backend = RedisBackend.from_url(redis_url, namespace)
+    try:
+        backend.client.rpush(f"{namespace}:k:held", "x")
+        with pytest.raises(BackendError, match="refused unlock") as info:
+            backend.unlock("held", "token")
+        assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+        with pytest.raises(BackendError, match="failed delete: TypeError"):
+            backend.delete([object()])  # type: ignore[list-item]
+    finally:
+        backend.client.delete(f"{namespace}:k:held")
+        backend.close()

@@ -117,6 +117,9 @@ class AwaitingRedis:
     def unlink(self, *names: Any) -> Any:
         return await_only(self._client.unlink(*names))
 
+    def eval(self, *args: Any) -> Any:
+        return await_only(self._client.eval(*args))
+
     def register_script(self, script: str) -> _AwaitingScript:
         return _AwaitingScript(self._client.register_script(script))
 

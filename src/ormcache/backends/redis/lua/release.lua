@@ -1,0 +1,8 @@
+-- KEYS: n generation keys, n lease keys. ARGV: fresh, gen ttl ms, n, token.
+-- Bump again, then drop this token's lease (after COMMIT or rollback).
+local n = tonumber(ARGV[3])
+bump(1, n, ARGV[1], ARGV[2])
+for i = n + 1, 2 * n do
+  redis.call('ZREM', KEYS[i], ARGV[4])
+end
+return 1
