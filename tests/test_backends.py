@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ormcache.backends import create_backend
+from ormcache.backends.base import UNREADABLE
 from ormcache.backends.memory import MemoryBackend
 from ormcache.backends.redis import RedisBackend
 from ormcache.errors import BackendError, ConfigurationError
@@ -81,10 +82,26 @@ class TestRedisBackend(BackendContract):
         assert all("SECRET" not in n for n in names)
         assert all(n.startswith(f"{backend.namespace}:") for n in names)
 
-    def test_garbage_entry_is_a_miss(self, backend: RedisBackend) -> None:
-        for garbage in [b"", b"OCE1", b"OCE1\xff\xff", b"OCE1\x00\x05ab\nc", b"\x80\x04pickle"]:
+    def test_garbage_entry_is_never_served(self, backend: RedisBackend) -> None:
+        """A value under an entry key that is not an entry (bad framing, a generation
+        that is not a number, another program's bytes) is UNREADABLE, which the read
+        path deletes as corrupt: on the script path and on the known-tags path."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        for garbage in [
+            b"",
+            b"OCE1",
+            b"OCE1\xff\xff",
+            b"OCE1\x00\x05ab\nc",
+            b"OCE1\x00\x04a\nx\npayload",
+            b"\x80\x04pickle",
+        ]:
+            assert backend.set("g", b"v", 60, snap)
+            assert backend.get("g") == b"v"
             backend.client.set(f"{backend.namespace}:e:g", garbage)
-            assert backend.get("g") is None
+            assert backend.get("g") == UNREADABLE  # the MGET path: the tags are known
+            backend._known.clear()
+            assert backend.get("g") == UNREADABLE  # the script path
 
     def test_read_after_script_flush(self, backend: RedisBackend) -> None:
         """A server that forgot the read script (SCRIPT FLUSH, restart) still serves the
@@ -260,18 +277,16 @@ def test_every_redis_error_has_a_row_of_its_own_kind() -> None:
 def test_client_errors_become_backend_errors_that_say_what_to_do(
     redis_url: str, namespace: str
 ) -> None:
-    """A refused command (here: the wrong type under a lock key) and a client-side
+    """A refused command (here: an expiry Redis cannot represent) and a client-side
     error both reach the cache as BackendError, chained to the original."""
     import redis
 
     backend = RedisBackend.from_url(redis_url, namespace)
     try:
-        backend.client.rpush(f"{namespace}:k:held", "x")
-        with pytest.raises(BackendError, match="refused unlock") as info:
-            backend.unlock("held", "token")
+        with pytest.raises(BackendError, match="refused lock") as info:
+            backend.lock("held", "token", 1e20)
         assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
         with pytest.raises(BackendError, match="failed delete: TypeError"):
             backend.delete([object()])  # type: ignore[list-item]
     finally:
-        backend.client.delete(f"{namespace}:k:held")
         backend.close()

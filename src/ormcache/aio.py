@@ -211,5 +211,5 @@ class _AwaitingClusterPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
 
-    def execute(self) -> list[Any]:
-        return await_only(self._pipe.execute())
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return await_only(self._pipe.execute(raise_on_error=raise_on_error))

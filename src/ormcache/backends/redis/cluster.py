@@ -49,12 +49,18 @@ from .core import (
     no_retry,
     parse_entry,
     timeouts,
+    unframed,
+    wrong_type,
 )
 from .urls import parse_cluster_url
 
 __all__ = ["RedisClusterBackend"]
 
-CHECK = lua("leased", "check")
+CHECK = lua("gen", "leased", "check")
+
+# A GET of a key holding another Redis type: never equal to a generation, and not an
+# entry (see RedisClusterBackend._values).
+_WRONG = b"\x00wrong type"
 
 
 class RedisClusterBackend(RedisCore):
@@ -149,18 +155,23 @@ class RedisClusterBackend(RedisCore):
         """One pipelined batch: the commands go out to every node before any reply is
         read, so a batch costs one round trip however many nodes it touches. Scripts go
         as EVAL (a cluster pipeline refuses EVALSHA); each server compiles a body once."""
+        return self._run(what, lambda: self._pipelined(fill))
 
-        def run() -> list[Any]:
-            with self.client.pipeline() as pipe:
-                fill(pipe)
-                return list(pipe.execute())
-
-        return self._run(what, run)
+    def _pipelined(self, fill: Callable[[Any], object], *, raise_on_error: bool = True) -> Any:
+        with self.client.pipeline() as pipe:
+            fill(pipe)
+            return list(pipe.execute(raise_on_error=raise_on_error))
 
     def _per_tag(
-        self, what: str, script: str, tags: Sequence[str], args: Callable[[str], list[Any]]
-    ) -> list[Any]:
-        """``script`` once per tag, on that tag's generation and lease keys."""
+        self,
+        what: str,
+        script: str,
+        tags: Sequence[str],
+        args: Callable[[str], list[Any]],
+        parse: Callable[[list[Any]], Any] = list,
+    ) -> Any:
+        """``script`` once per tag, on that tag's generation and lease keys; the replies
+        go through ``parse`` inside the error handling."""
 
         def fill(pipe: Any) -> None:
             for tag in tags:
@@ -168,27 +179,39 @@ class RedisClusterBackend(RedisCore):
                     "EVAL", script, 2, self._gen_key(tag), self._lease_key(tag), *args(tag)
                 )
 
-        return self._batch(what, fill)
+        return self._run(what, lambda: parse(self._pipelined(fill)))
+
+    def _values(self, names: Sequence[str]) -> list[Any]:
+        """GET of each name in one batch. A key of another Redis type reads as
+        ``_WRONG`` instead of failing the batch, as a plain GET would."""
+
+        def run() -> list[Any]:
+            replies = self._pipelined(
+                lambda pipe: [pipe.get(name) for name in names], raise_on_error=False
+            )
+            for reply in replies:
+                if isinstance(reply, Exception) and not wrong_type(reply):
+                    raise reply
+            return [_WRONG if isinstance(r, Exception) else r for r in replies]
+
+        return self._run("get", run)
 
     # -- Backend ----------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         entry_key = self._e + key
         known = self._known.get(key)
         if known is None:
-            value = self._run("get", lambda: self.client.get(entry_key))
+            value = self._values([entry_key])[0]
             parsed = parse_entry(value)
             if parsed is None:
-                return None
+                return unframed(value)
             tags = parsed[0]
-            current = self._batch("get", lambda pipe: [pipe.get(self._gen_key(t)) for t in tags])
+            current = self._values([self._gen_key(t) for t in tags])
         else:
-            values = self._batch(
-                "get",
-                lambda pipe: [pipe.get(k) for k in (entry_key, *map(self._gen_key, known))],
-            )
+            values = self._values([entry_key, *map(self._gen_key, known)])
             parsed = parse_entry(values[0])
             if parsed is None:
-                return None
+                return unframed(values[0])
             if parsed[0] != known:
                 self._known.pop(key, None)  # rewritten with other tags: learn them anew
                 return self.get(key)
@@ -202,10 +225,16 @@ class RedisClusterBackend(RedisCore):
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
         fresh, ttl = fresh_generation(), self._gen_ttl_ms
-        replies = self._per_tag("snapshot", SNAPSHOT, ordered, lambda _t: [fresh, ttl, 1])
-        if any(r is None for r in replies):
-            return None  # a tag is leased: a commit is under way
-        return Snapshot(ordered, tuple(int(r[0]) for r in replies))
+
+        def parse(replies: list[Any]) -> Snapshot | None:
+            if any(r is None for r in replies):
+                return None  # a tag is leased: a commit is under way
+            return Snapshot(ordered, tuple(int(r[0]) for r in replies))
+
+        snap: Snapshot | None = self._per_tag(
+            "snapshot", SNAPSHOT, ordered, lambda _t: [fresh, ttl, 1], parse
+        )
+        return snap
 
     def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
         value = frame_entry(snapshot, payload)

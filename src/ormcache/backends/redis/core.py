@@ -24,9 +24,10 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from ormcache.aio import LoopTwins
-from ormcache.backends.base import Snapshot
+from ormcache.backends.base import UNREADABLE, Snapshot
 from ormcache.errors import BackendError
 
 from .errors import run_redis
@@ -47,6 +48,8 @@ __all__ = [
     "no_retry",
     "parse_entry",
     "timeouts",
+    "unframed",
+    "wrong_type",
 ]
 
 T = TypeVar("T")
@@ -63,10 +66,12 @@ def lua(*names: str) -> str:
     return "".join(folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
 
 
-SNAPSHOT = lua("leased", "snapshot")
-BUMP = lua("bump_fn", "bump")
-ACQUIRE = lua("bump_fn", "acquire")
-RELEASE = lua("bump_fn", "release")
+# gen.lua defines usable() and failed(), which the other helpers use.
+SNAPSHOT = lua("gen", "leased", "snapshot")
+BUMP = lua("gen", "bump_fn", "bump")
+ACQUIRE = lua("gen", "bump_fn", "acquire")
+RELEASE = lua("gen", "bump_fn", "release")
+LOCK = lua("lock")
 UNLOCK = lua("unlock")
 
 # (tags, recorded generations, payload) of a stored entry
@@ -93,11 +98,27 @@ def parse_entry(value: Any) -> ParsedEntry | None:
     lines = value[6 : 6 + length].split(b"\n")
     if lines[-1] != b"" or len(lines) % 2 != 1:
         return None
+    gens = tuple(lines[1:-1:2])
+    # We record only decimal generations; anything else was not written by us.
+    if not all(g.isdigit() for g in gens):
+        return None
     try:
         tags = tuple(t.decode("utf-8") for t in lines[0:-1:2])
     except UnicodeDecodeError:
         return None
-    return tags, tuple(lines[1:-1:2]), value[6 + length :]
+    return tags, gens, value[6 + length :]
+
+
+def unframed(value: Any) -> bytes | None:
+    """What ``get`` returns for a value under an entry key that is not a (current)
+    entry: ``None`` when there is none, :data:`~ormcache.backends.base.UNREADABLE` when
+    there is something else there, so that the read path deletes it as corrupt."""
+    return None if value is None else UNREADABLE
+
+
+def wrong_type(exc: BaseException) -> bool:
+    """Whether a reply error says the key holds another Redis type than the command's."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def is_current(recorded: Sequence[bytes], current: Sequence[Any]) -> bool:
@@ -241,9 +262,7 @@ class RedisCore:
 
     def lock(self, key: str, token: str, ttl: float) -> bool:
         ms = max(1, int(ttl * 1000))
-        return bool(
-            self._run("lock", lambda: self.client.set(self._k + key, token, nx=True, px=ms))
-        )
+        return bool(self._run("lock", lambda: self.client.eval(LOCK, 1, self._k + key, token, ms)))
 
     def unlock(self, key: str, token: str) -> None:
         self._run("unlock", lambda: self.client.eval(UNLOCK, 1, self._k + key, token))

@@ -19,7 +19,7 @@ from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
-from ormcache.backends.base import Snapshot, redact_url
+from ormcache.backends.base import UNREADABLE, Snapshot, redact_url
 from ormcache.errors import ConfigurationError
 
 from .core import (
@@ -37,13 +37,14 @@ from .core import (
     no_retry,
     parse_entry,
     timeouts,
+    unframed,
 )
 from .urls import standalone_where
 
 __all__ = ["RedisBackend"]
 
 GET = lua("get")
-SET = lua("leased", "set")
+SET = lua("gen", "leased", "set")
 
 
 class _Lane(threading.local):
@@ -152,15 +153,19 @@ class RedisBackend(RedisCore):
             values = self._run("get", lambda: self._read("MGET", *names))
             parsed = parse_entry(values[0])
             if parsed is None:
-                return None
+                return unframed(values[0])
             tags, gens, payload = parsed
             if tags == known:
                 return payload if is_current(gens, values[1:]) else None
             # The entry was rewritten with other tags: learn them through the script.
         value = self._run("get", lambda: self._get_script(entry_key))
+        if value is None:
+            return None
+        if value == 0:  # the key holds no entry (see get.lua)
+            return UNREADABLE
         parsed = parse_entry(value)
         if parsed is None:
-            return None
+            return unframed(value)
         self._known.learn(key, parsed[0])
         return parsed[2]
 
@@ -175,10 +180,13 @@ class RedisBackend(RedisCore):
         ordered = tuple(sorted(set(tags)))
         keys = self._gen_keys(ordered) + self._lease_keys(ordered)
         args: list[bytes | str | int] = [fresh_generation(), self._gen_ttl_ms, len(ordered)]
-        gens = self._run("snapshot", lambda: self._snapshot(keys=keys, args=args))
-        if gens is None:
-            return None
-        return Snapshot(ordered, tuple(int(g) for g in gens))
+
+        def run() -> Snapshot | None:
+            gens = self._snapshot(keys=keys, args=args)
+            # Parsed inside the error handling, though the script returns usable ones.
+            return None if gens is None else Snapshot(ordered, tuple(int(g) for g in gens))
+
+        return self._run("snapshot", run)
 
     def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
         value = frame_entry(snapshot, payload)
