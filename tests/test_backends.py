@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ormcache.backends import create_backend
+from ormcache.backends.base import UNREADABLE
 from ormcache.backends.memory import MemoryBackend
 from ormcache.backends.redis import RedisBackend
 from ormcache.errors import BackendError, ConfigurationError
@@ -81,10 +82,26 @@ class TestRedisBackend(BackendContract):
         assert all("SECRET" not in n for n in names)
         assert all(n.startswith(f"{backend.namespace}:") for n in names)
 
-    def test_garbage_entry_is_a_miss(self, backend: RedisBackend) -> None:
-        for garbage in [b"", b"OCE1", b"OCE1\xff\xff", b"OCE1\x00\x05ab\nc", b"\x80\x04pickle"]:
+    def test_garbage_entry_is_never_served(self, backend: RedisBackend) -> None:
+        """A value under an entry key that is not an entry (bad framing, a generation
+        that is not a number, another program's bytes) is UNREADABLE, which the read
+        path deletes as corrupt: on the script path and on the known-tags path."""
+        snap = backend.snapshot(["t:a"])
+        assert snap is not None
+        for garbage in [
+            b"",
+            b"OCE1",
+            b"OCE1\xff\xff",
+            b"OCE1\x00\x05ab\nc",
+            b"OCE1\x00\x04a\nx\npayload",
+            b"\x80\x04pickle",
+        ]:
+            assert backend.set("g", b"v", 60, snap)
+            assert backend.get("g") == b"v"
             backend.client.set(f"{backend.namespace}:e:g", garbage)
-            assert backend.get("g") is None
+            assert backend.get("g") == UNREADABLE  # the MGET path: the tags are known
+            backend._known.clear()
+            assert backend.get("g") == UNREADABLE  # the script path
 
     def test_read_after_script_flush(self, backend: RedisBackend) -> None:
         """A server that forgot the read script (SCRIPT FLUSH, restart) still serves the
@@ -217,5 +234,44 @@ def test_event_loop_twins_do_not_pile_up(redis_url: str, namespace: str) -> None
         for _ in range(5):
             asyncio.run(use())
         assert len(backend._twins) == 1
+    finally:
+        backend.close()
+
+
+def test_every_redis_error_has_a_row_of_its_own_kind() -> None:
+    """Every exception class redis-py defines maps to advice for its kind (its own row
+    or a redis-py base's), never only to the catch-all: a new class outside redis-py's
+    hierarchy must be looked at, as httpx checks its transport error map."""
+    import redis.exceptions
+    import redis.sentinel
+
+    from ormcache.backends.redis.errors import row_for
+
+    classes = {
+        value
+        for module in (redis.exceptions, redis.sentinel)
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__.startswith("redis")
+    }
+    assert len(classes) > 20
+    assert sorted(c.__name__ for c in classes if row_for(c) in (None, Exception)) == []
+
+
+def test_client_errors_become_backend_errors_that_say_what_to_do(
+    redis_url: str, namespace: str
+) -> None:
+    """A refused command (here: an expiry Redis cannot represent) and a client-side
+    error both reach the cache as BackendError, chained to the original."""
+    import redis
+
+    backend = RedisBackend.from_url(redis_url, namespace)
+    try:
+        with pytest.raises(BackendError, match="refused lock") as info:
+            backend.lock("held", "token", 1e20)
+        assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+        with pytest.raises(BackendError, match="failed delete: TypeError"):
+            backend.delete([object()])  # type: ignore[list-item]
     finally:
         backend.close()

@@ -20,8 +20,11 @@ from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache, FromCache
 from ormcache.backends import create_backend
-from ormcache.backends.redis import RedisBackend, parse_sentinel_url
-from ormcache.backends.redis_cluster import RedisClusterBackend
+from ormcache.backends.redis import (
+    RedisClusterBackend,
+    RedisSentinelBackend,
+    parse_sentinel_url,
+)
 from ormcache.errors import ConfigurationError
 from ormcache.testing import BackendContract
 from tests.fault_workers import lookup_fn
@@ -54,18 +57,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
 
 class TestSentinelBackend(BackendContract):
     @pytest.fixture
-    def backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[RedisBackend]:
-        backend = RedisBackend.from_url(sentinel.url(), namespace)
+    def backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[RedisSentinelBackend]:
+        backend = RedisSentinelBackend.from_url(sentinel.url(), namespace)
         yield backend
         backend.clear()
         backend.close()
 
     @pytest.fixture
     def make_backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[Any]:
-        made: list[RedisBackend] = []
+        made: list[RedisSentinelBackend] = []
 
-        def make() -> RedisBackend:
-            made.append(RedisBackend.from_url(sentinel.url(), namespace))
+        def make() -> RedisSentinelBackend:
+            made.append(RedisSentinelBackend.from_url(sentinel.url(), namespace))
             return made[-1]
 
         yield make
@@ -78,10 +81,10 @@ class TestSentinelBackend(BackendContract):
         """With wait_replicas, a bump returns only once a replica has it (WAIT), or after
         wait_timeout with a warning: a frozen replica makes the bump wait and warn; with
         wait_replicas=0 it does not wait."""
-        waiting = RedisBackend.from_url(
+        waiting = RedisSentinelBackend.from_url(
             sentinel.url("?wait_replicas=1&wait_timeout=0.15"), namespace
         )
-        eager = RedisBackend.from_url(sentinel.url("?wait_replicas=0"), namespace)
+        eager = RedisSentinelBackend.from_url(sentinel.url("?wait_replicas=0"), namespace)
         try:
             start = time.perf_counter()
             waiting.bump(["t:a"])

@@ -117,6 +117,9 @@ class AwaitingRedis:
     def unlink(self, *names: Any) -> Any:
         return await_only(self._client.unlink(*names))
 
+    def eval(self, *args: Any) -> Any:
+        return await_only(self._client.eval(*args))
+
     def register_script(self, script: str) -> _AwaitingScript:
         return _AwaitingScript(self._client.register_script(script))
 
@@ -208,5 +211,5 @@ class _AwaitingClusterPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
 
-    def execute(self) -> list[Any]:
-        return await_only(self._pipe.execute())
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return await_only(self._pipe.execute(raise_on_error=raise_on_error))

@@ -12,6 +12,14 @@ __all__ = ["Backend", "Snapshot", "create_backend"]
 
 SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
 
+# Scheme -> class in ormcache.backends.redis, which imports redis-py.
+_REDIS = {
+    "redis": "RedisBackend",
+    "rediss": "RedisBackend",
+    "redis+sentinel": "RedisSentinelBackend",
+    "redis+cluster": "RedisClusterBackend",
+}
+
 
 def create_backend(url: str, namespace: str, **options: Any) -> Backend:
     """The backend for ``url``; ``options`` go to its constructor (timeouts, sizes)."""
@@ -20,18 +28,15 @@ def create_backend(url: str, namespace: str, **options: Any) -> Backend:
         from .memory import MemoryBackend
 
         return MemoryBackend(namespace, **options)
-    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
+    if scheme in _REDIS:
         try:
-            from .redis import RedisBackend
+            from . import redis
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigurationError(
                 f"{scheme}:// needs the redis client: pip install 'ormcache[redis]'"
             ) from exc
-        if scheme == "redis+cluster":
-            from .redis_cluster import RedisClusterBackend
-
-            return RedisClusterBackend.from_url(url, namespace, **options)
-        return RedisBackend.from_url(url, namespace, **options)
+        backend: Backend = getattr(redis, _REDIS[scheme]).from_url(url, namespace, **options)
+        return backend
     raise ConfigurationError(
         f"unsupported cache URL scheme {scheme or url!r}; use one of {', '.join(SCHEMES)}"
     )

@@ -19,6 +19,10 @@ The guarantees every backend gives (``ormcache.testing`` checks them):
 * ``set`` is a compare-and-set: it stores only if every tag still has the snapshot's
   generation and none is leased. A value computed from a read that began before a
   commit therefore can never be stored as current.
+* Whatever a key under the namespace holds (garbage, a non-integer generation, another
+  Redis type), no method raises anything but ``BackendError`` because of it, ``get``
+  never serves against a generation it cannot read, and ``bump`` still invalidates
+  every tag it is given: a generation it cannot advance is replaced or deleted.
 * ``acquire_lease`` bumps the tags and leases them (before COMMIT); ``release_lease``
   bumps them again and drops the lease (after COMMIT). A lease expires by itself, so a
   crashed writer blocks stores on its tags only for ``ttl`` seconds.
@@ -30,7 +34,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Backend", "Snapshot", "redact_url"]
+__all__ = ["UNREADABLE", "Backend", "Snapshot", "redact_url"]
+
+#: What ``get`` returns when an entry key holds something that is not an entry of this
+#: backend (garbage, another program's data, a key of another Redis type). These bytes
+#: decode as no payload of any codec version, so the read path counts them as corrupt
+#: and deletes the key, as it does any undecodable payload. The foreign value itself is
+#: never returned: it carries no generations to check, so serving it could serve
+#: anything, forever. A missing or stale entry is None, as before.
+UNREADABLE = b"\x00ormcache: this key holds no cache entry"
 
 
 def redact_url(url: str) -> str:
@@ -79,7 +91,8 @@ class Backend(Protocol):
     """
 
     def get(self, key: str) -> bytes | None:
-        """The payload stored under ``key`` if present, unexpired and still current."""
+        """The payload stored under ``key`` if present, unexpired and still current;
+        :data:`UNREADABLE` if the key holds something else."""
         ...
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:

@@ -1,0 +1,15 @@
+-- A generation we can use: what INCR can advance, in the one spelling Redis and
+-- Python agree on (0, or digits without a leading zero, below 2^63-1). Anything else
+-- (garbage, a float, an empty string, a huge number, the wrong Redis type, missing) is
+-- unknown: never served against, never stored against, replaced when seen.
+local function usable(g)
+  if type(g) ~= 'string' or #g == 0 or #g > 19 then return false end
+  if g == '0' then return true end
+  if not string.find(g, '^[1-9][0-9]*$') then return false end
+  return #g < 19 or g < '9223372036854775807'
+end
+
+-- Whether a reply of redis.pcall is an error (such as WRONGTYPE or OOM).
+local function failed(reply)
+  return type(reply) == 'table' and reply.err ~= nil
+end
