@@ -46,6 +46,7 @@ from ormcache.protocol import NAMESPACE_TAG, active_reads, next_seq, set_pending
 
 from . import fromcache
 from .analysis import flush_write_tags
+from .catalog import dependent_writes
 from .execution import execution_read_tags, execution_write_tags
 
 if TYPE_CHECKING:
@@ -261,6 +262,7 @@ class EngineWatch:
 
     def _written(self, conn: Connection, st: _ConnState, tags: set[str], context: Any) -> None:
         core = self.core
+        tags = dependent_writes(conn.engine, tags)
         if _autocommit(conn):
             # Committed as it runs: lease now, release right after it (below).
             token = uuid.uuid4().hex
@@ -371,7 +373,8 @@ class SessionTracker:
             ):
                 tags |= written
         if tags:
-            self.record(session).add(self.core, tags)
+            bind = session.get_bind() if session.bind is not None else None
+            self.record(session).add(self.core, dependent_writes(bind, tags))
 
     def after_flush_postexec(self, session: Session, flush_context: Any) -> None:
         token = self._flush_tokens.pop(id(session), None)
