@@ -175,6 +175,7 @@ class Cache:
         merge: MergeTarget = ...,
         ignore: Collection[str] = ...,
         version: str | int | None = ...,
+        allow_time: bool = ...,
     ) -> Callable[[Callable[P, R]], Memoized[P, R]]: ...
 
     def memoize(
@@ -191,6 +192,7 @@ class Cache:
         merge: MergeTarget = False,
         ignore: Collection[str] = (),
         version: str | int | None = None,
+        allow_time: bool = False,
     ) -> Memoized[P, R] | Callable[[Callable[P, R]], Memoized[P, R]]:
         """Cache ``fn``'s results per arguments.
 
@@ -206,6 +208,9 @@ class Cache:
         ``merge`` merges hits into a session, so they behave as instances loaded there.
         ``ignore`` lists parameters that do not affect the result; sessions and
         connections are always ignored. Bump ``version`` when the return shape changes.
+        ``allow_time`` lets the function's queries call time functions (``now()``): a
+        result up to ``ttl`` seconds old is then acceptable. Locking reads and other
+        non-deterministic functions still make a result unstorable.
         """
         if ttl is not None and timeout is not None and ttl != timeout:
             raise ConfigurationError(
@@ -231,6 +236,7 @@ class Cache:
                 merge=merge,
                 ignore=ignore,
                 version=version,
+                allow_time=allow_time,
             )
             self._memoized.append(memoized)
             return memoized

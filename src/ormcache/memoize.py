@@ -60,6 +60,7 @@ class Memoized(Generic[P, R]):
         merge: MergeTarget,
         ignore: Collection[str],
         version: str | int | None,
+        allow_time: bool = False,
     ) -> None:
         self._core = core
         self._reads = reads
@@ -71,6 +72,7 @@ class Memoized(Generic[P, R]):
         self.early_refresh = early_refresh
         self.strict = strict
         self.single_flight = True
+        self.allow_time = allow_time
         self._merge = merge
         self.prefix = self.name = function_prefix(fn, version)
         self._ignore = tuple(ignore)

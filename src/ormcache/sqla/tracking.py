@@ -47,7 +47,7 @@ from ormcache.protocol import NAMESPACE_TAG, active_reads, next_seq, set_pending
 from . import fromcache
 from .analysis import flush_write_tags
 from .catalog import dependent_writes
-from .execution import execution_read_tags, execution_write_tags
+from .execution import execution_read_tags, execution_serve_reason, execution_write_tags
 
 if TYPE_CHECKING:
     from ormcache.core import Core
@@ -242,6 +242,10 @@ class EngineWatch:
         contexts = active_reads(core)
         if not contexts:
             return
+        for ctx in contexts:
+            reason = execution_serve_reason(context, statement, dialect, ctx.allow_time)
+            if reason is not None:
+                ctx.forbid(reason)
         tags = execution_read_tags(context, statement, dialect, core.codec.hash_salt)
         if tags is None:
             for ctx in contexts:
