@@ -252,7 +252,7 @@ class StatementRead:
     single_flight: bool = False
     tracked: bool = False
 
-    __slots__ = ("_core", "_state", "ck", "params", "plan", "strict", "ttl")
+    __slots__ = ("_core", "_state", "allow_time", "ck", "params", "plan", "strict", "ttl")
 
     def __init__(
         self,
@@ -270,6 +270,7 @@ class StatementRead:
         self.params = params
         self.ttl = option.ttl if option.ttl is not None else core.default_ttl
         self.strict = core.strict
+        self.allow_time = option.allow_time
 
     def key(self, database: str, context: tuple[Any, ...] = ()) -> str | None:
         """The entry key, or None when a parameter value cannot be keyed.
