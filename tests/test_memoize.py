@@ -26,6 +26,7 @@ def test_hit_returns_detached_snapshot_with_loaded_attributes(
     from sqlalchemy.orm import selectinload
 
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     keys = seed(Session_)
 
     @cache.memoize
@@ -82,6 +83,7 @@ def test_sessions_in_arguments_are_ignored_and_ignore_is_validated(
 ) -> None:
     """A session argument says where to read, not what: it does not split the cache."""
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     seed(Session_)
 
     @cache.memoize
@@ -329,6 +331,7 @@ def test_memoized_function_logs_no_secrets(cache: Cache, caplog: pytest.LogCaptu
 def test_address_model_is_cacheable(cache: Cache, sqlite_engine: Any) -> None:
     """Many-to-one back to the parent round-trips with shared identity."""
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     seed(Session_)
 
     @cache.memoize

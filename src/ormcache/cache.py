@@ -99,6 +99,9 @@ class Cache:
         )
         self._core = Core(settings)
         self._core.owner = self
+        from .sqla.tracking import install_global_listeners
+
+        install_global_listeners()
         self._reads = ReadPath(self._core)
         self._memoized: list[Memoized[Any, Any]] = []
         self._wiring: Any = None  # ormcache.sqla.tracking.Wiring, made on first attach()
@@ -295,6 +298,8 @@ class Cache:
             self._attached_scoped = target
         if self._wiring is None:
             self._wiring = Wiring(self._core, self._reads)
+            self._core.preloaded = self._wiring.preloaded
+            self._core.watching = self._wiring.watching
         self._wiring.attach(target)
         self._core.tracks_loads = True
 

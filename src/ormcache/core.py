@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -103,6 +104,11 @@ class Core:
         self.tracks_loads = False
         #: The ``Cache`` in front (``FromCache(cache=...)`` names it).
         self.owner: object = None
+        #: Set by ``attach()``: why a memoized call may use objects loaded before it.
+        self.preloaded: Callable[[Any], str | None] | None = None
+        #: Whether an engine's reads and writes are seen (set by ``attach()``; until
+        #: then, none are).
+        self.watching: Callable[[Any], bool] = lambda engine: False
         self.settings = settings
         self.codec = self._codec(settings, None)
         self.backend = self._backend(settings)

@@ -326,7 +326,9 @@ class StatementRead:
         return _Rows(payload, frozen, [])
 
     def encode(self, value: _Rows, on_instance: Callable[[object], None]) -> bytes:
-        return self._core.codec.encode(value.payload)
+        # Instances are reported: one the query returned from the identity map without
+        # refreshing it may predate the snapshot, and is not stored (see readpath).
+        return self._core.codec.encode(value.payload, on_instance=on_instance)
 
     def decode(self, data: bytes, call: object) -> _Rows:
         decoded = self._core.codec.decode(data, into=SessionAdopter(self._state.session))
