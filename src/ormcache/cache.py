@@ -12,7 +12,8 @@ from .backends import Backend
 from .codec import Adopter
 from .core import Core, Settings
 from .errors import ConfigurationError
-from .memoize import AsyncMemoized, Memoized, MergeTarget
+from .identity import Registry, identify
+from .memoize import AsyncMemoized, Memoized, MemoizedClassMethod, MergeTarget
 from .protocol import NAMESPACE_TAG
 from .readpath import ReadPath
 from .stats import StatsSnapshot
@@ -102,6 +103,7 @@ class Cache:
         self._core.owner = self
         self._reads = ReadPath(self._core)
         self._memoized: list[Memoized[Any, Any]] = []
+        self._prefixes = Registry()
         self._trackers: dict[int, tuple[object, Tracker]] = {}
         self._attached_scoped: scoped_session[Any] | None = None
 
@@ -176,6 +178,7 @@ class Cache:
         merge: MergeTarget = ...,
         ignore: Collection[str] = ...,
         version: str | int | None = ...,
+        name: str | None = ...,
     ) -> Callable[[Callable[P, R]], Memoized[P, R]]: ...
 
     def memoize(
@@ -192,6 +195,7 @@ class Cache:
         merge: MergeTarget = False,
         ignore: Collection[str] = (),
         version: str | int | None = None,
+        name: str | None = None,
     ) -> Memoized[P, R] | Callable[[Callable[P, R]], Memoized[P, R]]:
         """Cache ``fn``'s results per arguments.
 
@@ -207,6 +211,20 @@ class Cache:
         ``merge`` merges hits into a session, so they behave as instances loaded there.
         ``ignore`` lists parameters that do not affect the result; sessions and
         connections are always ignored. Bump ``version`` when the return shape changes.
+
+        Entries are keyed by the function's module and qualified name, which every
+        process agrees on (see :mod:`ormcache.identity`). ``name`` replaces the qualified
+        name: lambdas and callable objects need one, and so do functions that one factory
+        makes with different values closed over, when those values cannot be described
+        the same way in every process; a second, different function under a name this
+        cache already gave out raises :class:`~ormcache.ConfigurationError` here, at
+        decoration. The same function decorated again (an application factory run twice)
+        shares its entries.
+
+        Methods: memoized in a class body, ``obj.method(x)`` is keyed by ``obj`` too, so
+        ``self`` must be keyable (an ORM instance is keyed by its identity) or listed in
+        ``ignore=("self",)``; ``cls`` is keyed by the class's qualified name. Put
+        ``@cache.memoize`` above or below ``@classmethod`` and ``@staticmethod``.
         """
         if ttl is not None and timeout is not None and ttl != timeout:
             raise ConfigurationError(
@@ -218,12 +236,17 @@ class Cache:
             raise ConfigurationError(f"memoize ttl must be positive seconds, got {chosen!r}")
 
         def decorate(func: Callable[P, R]) -> Memoized[P, R]:
+            wrapper: Any = None
+            if isinstance(func, (classmethod, staticmethod)):
+                wrapper, func = type(func), func.__func__
+            identity = identify(func, name=name, version=version)
             kind = AsyncMemoized if iscoroutinefunction(func) else Memoized
             memoized = kind(
                 self._core,
                 self._reads,
                 self._adopter,
                 func,
+                identity,
                 ttl=chosen if chosen is not None else self._core.default_ttl,
                 negative_ttl=negative_ttl,
                 stale_ttl=stale_ttl,
@@ -231,9 +254,13 @@ class Cache:
                 strict=self._core.strict if strict is None else strict,
                 merge=merge,
                 ignore=ignore,
-                version=version,
             )
+            self._prefixes.claim(identity)
             self._memoized.append(memoized)
+            if wrapper is classmethod:
+                return MemoizedClassMethod(memoized)  # type: ignore[return-value]
+            if wrapper is staticmethod:
+                return staticmethod(memoized)  # type: ignore[return-value]
             return memoized
 
         return decorate(fn) if fn is not None else decorate
