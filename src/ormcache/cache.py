@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from sqlalchemy.orm import Session, scoped_session
 
 from .backends import Backend
+from .backends.base import redact_url
 from .codec import Adopter
 from .core import Core, Settings
-from .errors import ConfigurationError
+from .errors import BackendError, ConfigurationError
 from .identity import Registry, identify
 from .memoize import AsyncMemoized, Memoized, MemoizedClassMethod, MergeTarget
 from .protocol import NAMESPACE_TAG
@@ -265,34 +266,51 @@ class Cache:
 
         return decorate(fn) if fn is not None else decorate
 
-    def delete_memoized(self, fn: Memoized[..., Any], *args: Any, **kwargs: Any) -> None:
+    def delete_memoized(self, fn: Memoized[..., Any], *args: Any, **kwargs: Any) -> bool:
         """flask-caching's spelling of ``fn.invalidate(*args, **kwargs)``."""
         if not isinstance(fn, Memoized):
             raise ConfigurationError(
                 f"delete_memoized() needs a function decorated with this cache's memoize, "
                 f"got {fn!r}"
             )
-        fn.invalidate(*args, **kwargs)
+        return fn.invalidate(*args, **kwargs)
 
     # -- invalidation -----------------------------------------------------------------
-    def invalidate(self, *targets: object) -> None:
+    def invalidate(self, *targets: object, raise_on_error: bool = False) -> bool:
         """Invalidate everything that read a model's tables, a row, or a ``Table``.
 
         ``cache.invalidate(User)`` bumps the table; ``cache.invalidate(user)`` bumps that
         row and the equality partitions it belongs to. Use it after writes ormcache cannot
         see (another application, a stored procedure).
+
+        Returns True if the invalidation reached the backend now. If it did not (the
+        backend is down), it is owed: this process serves no hits until it is delivered,
+        but other processes may serve the old entries until their TTL. A script that must
+        not go on in that case (a migration) passes ``raise_on_error=True`` and gets
+        :class:`~ormcache.BackendError` instead of False.
         """
         from .sqla.tags import tags_for_target
 
         bump: set[str] = set()
         for target in targets:
             bump.update(tags_for_target(target, self._core.codec.hash_salt))
-        self._core.guard.bump(sorted(bump))
+        delivered = self._core.guard.bump(sorted(bump))
+        if not delivered and raise_on_error:
+            what = ", ".join(map(_describe_target, targets))
+            raise BackendError(_undelivered(f"invalidate({what})", self.url))
+        return delivered
 
-    def clear(self) -> None:
-        """Drop every entry in this namespace (other namespaces are untouched)."""
-        self._core.guard.clear()
-        self._core.guard.bump([NAMESPACE_TAG])
+    def clear(self, *, raise_on_error: bool = False) -> bool:
+        """Drop every entry in this namespace (other namespaces are untouched).
+
+        Returns True if the backend was cleared now; ``raise_on_error=True`` raises
+        :class:`~ormcache.BackendError` instead of returning False (see ``invalidate``).
+        """
+        swept = self._core.guard.clear()
+        bumped = self._core.guard.bump([NAMESPACE_TAG])
+        if not (swept and bumped) and raise_on_error:
+            raise BackendError(_undelivered("clear()", self.url))
+        return swept and bumped
 
     def stats(self) -> StatsSnapshot:
         """Hits, misses, stores, invalidations, errors and more, since creation."""
@@ -354,3 +372,19 @@ class Cache:
         from .flask import init_app
 
         init_app(self, app)
+
+
+def _describe_target(target: object) -> str:
+    if isinstance(target, type):
+        return target.__qualname__
+    name = getattr(target, "fullname", None)  # a Table
+    return name if isinstance(name, str) else f"a {type(target).__qualname__}"
+
+
+def _undelivered(call: str, url: str) -> str:
+    return (
+        f"cache.{call} did not reach the cache backend at {redact_url(url)}; the bump is "
+        "owed and will be delivered before this process serves another hit, but other "
+        "processes may serve the old entries until their TTL. Check that the backend is "
+        "running, then retry (or run `ormcache invalidate`)"
+    )

@@ -166,6 +166,8 @@ class Core:
                 len(owed),
             )
             guard.owe(owed)
+        if backend is old_backend:
+            guard.owe_deletes(old_guard.owed_deletes())
         self.codec, self.backend, self.guard = codec, backend, guard
         self._apply(settings)
         if old_backend is not backend:

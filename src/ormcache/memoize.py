@@ -105,10 +105,14 @@ class Memoized(Generic[P, R]):
             return self._invoke(args, kwargs)
         return self._reads.run(self, key, (args, kwargs))
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop the entry for these arguments (the same binding rules as a call)."""
-        self._core.guard.delete([self._keyer(args, kwargs)])
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the entry for these arguments (the same binding rules as a call).
+
+        Returns True if the backend dropped it now; otherwise the delete is owed, and this
+        process serves no hits until it is delivered.
+        """
         self._core.stats.incr("invalidations")
+        return self._core.guard.delete([self._keyer(args, kwargs)])
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The backend key for these arguments; argument values appear only hashed."""
@@ -156,8 +160,8 @@ class BoundMemoized(Generic[R]):
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         return self.__func__(self.__self__, *args, **kwargs)
 
-    def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        self.__func__.invalidate(self.__self__, *args, **kwargs)
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
 
     def cache_key(self, *args: Any, **kwargs: Any) -> str:
         return self.__func__.cache_key(self.__self__, *args, **kwargs)
