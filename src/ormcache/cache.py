@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -107,6 +108,9 @@ class Cache:
         self._prefixes = Registry()
         self._trackers: dict[int, tuple[object, Tracker]] = {}
         self._attached_scoped: scoped_session[Any] | None = None
+        #: (the application init_app configured us for, the settings before it, the
+        #: settings it applied): a second application must ask for the same.
+        self._flask: tuple[weakref.ref[Flask], Settings, Settings] | None = None
 
     # -- settings ---------------------------------------------------------------------
     @property
@@ -142,7 +146,13 @@ class Cache:
         current values. Counters, registered types and invalidations not yet delivered
         to the old backend are kept.
         """
-        self._core.configure(self._core.settings.changed(**changes))
+        self._reconfigure(self._core.settings.changed(**changes))
+        if self._flask is not None:
+            app, base, _ = self._flask
+            self._flask = (app, base, self._core.settings)
+
+    def _reconfigure(self, settings: Settings) -> None:
+        self._core.configure(settings)
         for memoized in self._memoized:
             memoized.rebind()
 
@@ -368,10 +378,31 @@ class Cache:
 
     # -- Flask ------------------------------------------------------------------------
     def init_app(self, app: Flask) -> None:
-        """Configure from ``app.config["ORMCACHE_*"]`` and register in ``app.extensions``."""
-        from .flask import init_app
+        """Configure from ``app.config["ORMCACHE_*"]`` and register in ``app.extensions``.
 
-        init_app(self, app)
+        A ``Cache`` holds one configuration. Another application may share it only with
+        the same settings (re-initialising the same application may change them); one
+        that asks for different settings raises :class:`~ormcache.ConfigurationError`,
+        since applying them would reconfigure the cache under the first application.
+        """
+        import weakref
+
+        from .flask import config_options, settings_conflict, warn_flask_caching_leftovers
+
+        options = config_options(app)
+        if self._flask is None:
+            base = self._core.settings
+        else:
+            first, base, applied = self._flask
+            wanted = base.changed(**options)
+            if first() is not app and wanted != applied:
+                raise ConfigurationError(settings_conflict(first(), app, applied, wanted))
+        wanted = base.changed(**options)
+        if wanted != self._core.settings:
+            self._reconfigure(wanted)
+        self._flask = (weakref.ref(app), base, self._core.settings)
+        warn_flask_caching_leftovers(app, self.url)
+        app.extensions["ormcache"] = self
 
 
 def _describe_target(target: object) -> str:
