@@ -207,6 +207,18 @@ def test_partials_are_keyed_by_their_bound_arguments(cache: Cache) -> None:
     with pytest.raises(ConfigurationError, match="lambda"):
         cache.memoize(functools.partial(lambda a, b: a + b, 1))
 
+    class Opaque:
+        pass
+
+    def scale(factor: Any, x: int, y: int = 0) -> int:
+        return x
+
+    cache.memoize(functools.partial(scale, Opaque()))
+    with pytest.raises(ConfigurationError, match="name="):
+        cache.memoize(functools.partial(scale, Opaque()))
+    with pytest.raises(ConfigurationError, match="other bound arguments"):
+        cache.memoize(functools.partial(scale, Opaque(), y=1))
+
 
 class Account:
     """A plain class with memoized methods in each spelling."""
@@ -347,3 +359,18 @@ def test_bound_methods_and_callable_objects(cache: Cache) -> None:
         cache.memoize(s2)
     by3 = cache.memoize(name="by3")(s3)
     assert by3(2) == by3(2) == 6
+
+
+def test_functions_that_differ_in_default_values_are_keyed_apart(cache: Cache) -> None:
+    """Every call is keyed with its defaults applied, so the prefix stays readable and
+    the two never share an entry."""
+
+    def make(rate: int) -> Any:
+        def price(x: int, rate: int = rate) -> int:
+            return x * rate
+
+        return price
+
+    two, three = cache.memoize(make(2)), cache.memoize(make(3))
+    assert two.prefix == three.prefix == f"m:{__name__}.{make.__qualname__}.<locals>.price"
+    assert (two(5), three(5), two(5), three(5)) == (10, 15, 10, 15)

@@ -98,10 +98,8 @@ def _base(fn: Callable[..., Any]) -> tuple[Any, list[tuple[str, Any]]]:
             except ValueError:
                 value = _EMPTY
             bound.append((f"closure variable {var!r}", value))
-        if fn.__defaults__:
-            bound.append(("defaults", fn.__defaults__))
-        if fn.__kwdefaults__:
-            bound.append(("keyword defaults", tuple(sorted(fn.__kwdefaults__.items()))))
+        # Default values are not part of the identity: every call is keyed with its
+        # defaults applied, so functions that differ only in them never share an entry.
     return fn, bound
 
 
@@ -155,7 +153,7 @@ def identify(
     else:
         prefix = f"m:{module}.{qualname}"
         described = [_describe(v) for _, v in bound]
-        if bound and all(d is not None for d in described) and set(described) != {"source"}:
+        if described and all(d is not None for d in described) and set(described) != {"source"}:
             digest = hashlib.blake2b("|".join(described).encode(), digest_size=6)  # type: ignore[arg-type]
             prefix = f"{prefix}~{digest.hexdigest()}"
     if version is not None:
@@ -214,10 +212,13 @@ class Registry:
             )
         if ident.explicit:
             return  # the name vouches that what they close over does not matter
-        pairs = list(zip(ident.bound, held.bound, strict=False))
-        if len(ident.bound) != len(held.bound):
-            pairs.append((("defaults", None), ("defaults", _EMPTY)))
-        for (label, mine), (_, theirs) in pairs:
+        if [label for label, _ in ident.bound] != [label for label, _ in held.bound]:
+            raise ConfigurationError(
+                f"memoize(): {ident.label} was memoized before with other bound arguments, "
+                f"and the two would share the key prefix {ident.prefix!r}; give each its "
+                "own name, e.g. cache.memoize(name='...')"
+            )
+        for (label, mine), (_, theirs) in zip(ident.bound, held.bound, strict=True):
             if not _same(mine, theirs):
                 raise ConfigurationError(
                     f"memoize(): {ident.label} was memoized before with another value of "
