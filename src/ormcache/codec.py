@@ -10,8 +10,9 @@ msgpack objects in a row:
 
 Decoding builds only what this process has registered: mapped classes found in
 SQLAlchemy's registries (looked up by key, never imported), Enum classes and custom types
-registered with :meth:`Codec.register_type`. Any payload that fails any check raises
-:class:`~ormcache.errors.CorruptPayloadError`, which the cache treats as a miss.
+registered with ``cache.register_type`` (:meth:`Codec.register_type`). Any payload that
+fails any check raises :class:`~ormcache.errors.CorruptPayloadError`, which the cache
+treats as a miss.
 """
 
 from __future__ import annotations
@@ -352,7 +353,7 @@ class _Encoder:
             )
         raise UncacheableValueError(
             f"{path} is a {t.__module__}.{t.__qualname__}, which ormcache cannot store; "
-            "convert it to a supported type or register it with Codec.register_type()",
+            "convert it to a supported type or register it with cache.register_type()",
             path=path,
         )
 
