@@ -210,8 +210,17 @@ def _search_path(engine: Any) -> str:
     """The search_path a new connection of ``engine`` gets (connect_args, role, database
     settings): an unqualified table name means a different table under another one."""
     try:
-        with engine.connect() as conn:
-            return str(conn.exec_driver_sql("SHOW search_path").scalar())
+        # A DBAPI connection of the pool: no statement events, nothing to classify.
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SHOW search_path")
+            row = cursor.fetchone()
+            cursor.close()
+            raw.rollback()
+        finally:
+            raw.close()
+        return str(row[0] if row else "")
     except Exception:  # an unreachable database: the statement will fail on its own
         return "?" + uuid.uuid4().hex  # never shared
 
