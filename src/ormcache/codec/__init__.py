@@ -9,15 +9,15 @@ The modules, each readable on its own:
 
 - ``wire``: the bytes of a payload (header, signature, body layout, extension codes);
 - ``registry``: what a payload may name (mapped classes, enums, custom types);
-- ``encode``: values to msgpack, one handler per type; ``as_dict``;
+- ``encode``: values to msgpack, one handler per type;
+- ``canonical``: arguments to the deterministic bytes hashed into keys;
 - ``decode``: msgpack back to values, one handler per extension code;
 - ``memo``: the checked form of a payload, and a bounded memo of recent ones;
 - ``hydrate``: building instances (into a session) from the checked form;
-- ``core``: :class:`Codec`, which ties them together.
+- ``core``: :class:`Codec`, which ties them together, and ``as_dict``.
 """
 
-from .core import Codec
-from .encode import as_dict
+from .core import Codec, as_dict
 from .hydrate import Adopter
 
 __all__ = ["Adopter", "Codec", "as_dict"]

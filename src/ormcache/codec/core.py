@@ -1,5 +1,6 @@
 """``Codec``: the one object the rest of ormcache uses to turn values into payloads,
-arguments into key bytes, and payloads back into values."""
+arguments into key bytes, and payloads back into values; and ``as_dict``, the way to
+cache an instance's columns as a plain dict."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import hashlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper
 
-from ormcache.errors import CorruptPayloadError
+from ormcache.errors import CorruptPayloadError, UncacheableValueError
 
-from .decode import SIMPLE, read_body
-from .encode import CanonicalEncoder, Encoder
+from .canonical import encode_canonical
+from .decode import read_body
+from .encode import encode_body
 from .hydrate import Adopter, materialize
 from .memo import Parsed, ParseMemo
 from .registry import MapperInfo, Registry
-from .wire import INT_MAX, INT_MIN, frame, pack, unframe
+from .wire import frame, unframe
 
 T = TypeVar("T")
 
@@ -76,17 +79,12 @@ class Codec:
 
         ``on_instance`` is called with each mapped instance the payload snapshots.
         """
-        return frame(Encoder(self.registry, on_instance).body(value), self._secret)
+        return frame(encode_body(self.registry, value, on_instance), self._secret)
 
     def canonical(self, value: object) -> bytes:
-        """Deterministic bytes for hashing arguments into keys (not decodable)."""
-        if type(value) is tuple and all(
-            type(x) in SIMPLE and (type(x) is not int or INT_MIN <= x <= INT_MAX) for x in value
-        ):
-            # Scalars only (the usual memoize arguments): msgpack already tells str,
-            # bytes, int, float, bool and None apart.
-            return b"s" + pack(value)
-        return b"c" + pack(CanonicalEncoder(self.registry).enc(value, "value"))
+        """Deterministic bytes for hashing arguments into keys (not decodable); raises
+        UncacheableValueError naming the bad part."""
+        return encode_canonical(self.registry, value)
 
     # -- decode -----------------------------------------------------------------------
     def decode(self, data: bytes, *, into: Adopter | None = None) -> object:
@@ -123,3 +121,25 @@ class Codec:
         if memo:
             self.parsed.remember(data, parsed)
         return value
+
+
+def as_dict(obj: object) -> dict[str, Any]:
+    """The mapped instance's column attributes as a plain dict, ready to cache.
+
+    Use it instead of ``obj.__dict__``, which carries ``_sa_instance_state`` (the seed's
+    outage). Loaded attributes are read as they are; unloaded non-deferred ones are read
+    normally (which may refresh an expired object); unloaded deferred ones are skipped.
+    """
+    state: Any = inspect(obj, raiseerr=False)
+    if state is None or not hasattr(state, "mapper"):
+        raise UncacheableValueError(
+            f"as_dict() takes a mapped instance, got a {type(obj).__name__}", path="value"
+        )
+    out: dict[str, Any] = {}
+    loaded = state.dict
+    for prop in state.mapper.column_attrs:
+        if prop.key in loaded:
+            out[prop.key] = loaded[prop.key]
+        elif not prop.deferred:
+            out[prop.key] = getattr(obj, prop.key)
+    return out

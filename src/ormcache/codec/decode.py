@@ -88,7 +88,7 @@ def _clock(parts: list[Any], parse: Callable[[str], Any]) -> Any:
 class Decoder:
     """One decode call: msgpack's extension hook, and what it met on the way."""
 
-    __slots__ = ("custom", "refs", "registry")
+    __slots__ = ("custom", "depth", "refs", "registry")
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -96,11 +96,20 @@ class Decoder:
         self.refs = 0
         #: Whether a custom type was decoded (such values are never memoized).
         self.custom = False
+        #: msgpack unpackers running, each inside the last one's extension hook.
+        self.depth = 0
 
     def unpack(self, data: bytes) -> Any:
-        return msgpack.unpackb(
+        # The body, the extensions the encoder may nest, and a clock or timedelta inside
+        # the last: beyond that a payload is hostile, and every level costs C stack.
+        if self.depth > wire.MAX_EXT_DEPTH + 1:
+            raise CorruptPayloadError("payload extensions nest deeper than the format allows")
+        self.depth += 1
+        value = msgpack.unpackb(
             data, ext_hook=self.ext, raw=False, strict_map_key=False, use_list=True
         )
+        self.depth -= 1
+        return value
 
     def unpack_list(self, data: bytes, what: str) -> list[Any]:
         items = self.unpack(data)

@@ -4,8 +4,11 @@
 names (mapped instances, Row and Enum subclasses, custom types) is matched in
 :meth:`Encoder.enc_other`, and anything else is refused with an
 :class:`~ormcache.errors.UncacheableValueError` that names where the value sits and
-what to do instead. :class:`CanonicalEncoder` is the same walk for key hashing: dicts
-and sets sorted, instances by identity (see the canonical form in ``wire``).
+what to do instead. ``canonical`` reuses the walk for hashing arguments into keys.
+
+Nesting is bounded (``wire.MAX_DEPTH``, extensions counting ``wire.EXT_LEVEL``) and
+text that UTF-8 cannot encode is refused, so what msgpack cannot pack never escapes as
+anything but an UncacheableValueError.
 """
 
 from __future__ import annotations
@@ -19,35 +22,14 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgpack
-from sqlalchemy import inspect
 from sqlalchemy.engine import Row
 from sqlalchemy.orm.state import InstanceState
 
 from ormcache.errors import UncacheableValueError
 
-from .registry import MapperInfo, Registry
-from .wire import (
-    BIGINT,
-    CUSTOM,
-    DATE,
-    DATETIME,
-    DATETIME_ISO,
-    DECIMAL,
-    ENUM,
-    FROZENSET,
-    IDENTITY,
-    INSTANCE,
-    INT_MAX,
-    INT_MIN,
-    MISSING_EXT,
-    ROW,
-    SET,
-    TIME,
-    TIMEDELTA,
-    TUPLE,
-    UUID,
-    pack,
-)
+from . import wire
+from .registry import CustomType, MapperInfo, Registry
+from .wire import pack
 
 SA_STATE = "_sa_instance_state"
 
@@ -102,11 +84,29 @@ def _clock_parts(v: dt.datetime | dt.time, path: str) -> list[Any]:
     return [naive, v.fold, "o", int(offset / dt.timedelta(microseconds=1)), name]
 
 
+def too_deep(path: str) -> UncacheableValueError:
+    """The refusal of a value nested deeper than the format allows (see ``wire``)."""
+    return UncacheableValueError(
+        f"{path} nests deeper than ormcache stores (at most {wire.MAX_DEPTH} levels, "
+        f"where a tuple, set, row, enum or custom value counts {wire.EXT_LEVEL}); "
+        "return a flatter value",
+        path=path,
+    )
+
+
 class Encoder:
     """One encode call: converts the value to msgpack-native objects, collecting the
     instances it meets into a table so each is written once (see ``wire``)."""
 
-    __slots__ = ("instances", "mappers", "memo", "on_instance", "queue", "registry")
+    __slots__ = (
+        "instances",
+        "mappers",
+        "memo",
+        "on_instance",
+        "queue",
+        "registry",
+        "room",
+    )
 
     #: Exact type -> handler; filled in below the class.
     table: ClassVar[dict[type, Handler]]
@@ -118,6 +118,8 @@ class Encoder:
         self.memo: dict[int, int] = {}
         self.instances: list[Any] = []
         self.queue: list[tuple[int, Any, MapperInfo, str]] = []
+        #: The nesting still allowed below the value being encoded (see ``wire``).
+        self.room = wire.MAX_DEPTH
 
     def enc(self, v: Any, path: str) -> Any:
         t = type(v)
@@ -134,16 +136,12 @@ class Encoder:
         if state is not None and isinstance(state, InstanceState) and not isinstance(v, type):
             return self.ref(v, state, path)
         if isinstance(v, Row):
-            fields = list(v._fields)
-            values = [self.enc(x, f"{path}.{f}") for f, x in zip(fields, v)]
-            return msgpack.ExtType(ROW, pack([fields, values]))
+            return self.enc_row(v, path)
         if isinstance(v, enum.Enum):
-            name = self.registry.register_enum(t)
-            return msgpack.ExtType(ENUM, pack([name, self.enc(v.value, f"{path}.value")]))
+            return self.enc_enum(v, path)
         custom = self.registry.custom_by_type.get(t)
         if custom is not None:
-            name, encode, _ = custom
-            return msgpack.ExtType(CUSTOM, pack([name, self.enc(encode(v), path)]))
+            return self.enc_custom(v, custom, path)
         if t.__module__ == "sqlalchemy.orm.collections":
             # A relationship collection returned as is: a plain list or set on a hit.
             if isinstance(v, list):
@@ -162,7 +160,7 @@ class Encoder:
     def ref(self, obj: object, state: InstanceState[Any], path: str) -> Any:
         """An instance inside the value: its index in the payload's instance table."""
         # A 4-byte index, not a nested msgpack int: decoding it needs no second unpack.
-        return msgpack.ExtType(INSTANCE, self.index(obj, state, path).to_bytes(4, "big"))
+        return msgpack.ExtType(wire.INSTANCE, self.index(obj, state, path).to_bytes(4, "big"))
 
     def index(self, obj: object, state: InstanceState[Any], path: str) -> int:
         idx = self.memo.get(id(obj))
@@ -181,7 +179,9 @@ class Encoder:
             idx, obj, info, path = self.queue.pop()
             state: InstanceState[Any] = obj._sa_instance_state
             d = state.dict
-            cols = [self.enc(d[k], f"{path}.{k}") if k in d else MISSING_EXT for k in info.columns]
+            cols = [
+                self.enc(d[k], f"{path}.{k}") if k in d else wire.MISSING_EXT for k in info.columns
+            ]
             rels: dict[str, Any] = {}
             for key, uselist, _collection_class in info.relationships:
                 if key not in d:
@@ -220,12 +220,52 @@ class Encoder:
 
     # -- containers -------------------------------------------------------------------
     def enc_list(self, v: list[Any], path: str) -> Any:
-        return [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        self.room -= 1
+        if self.room < 0:
+            raise too_deep(path)
+        out = [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        self.room += 1
+        return out
 
     def enc_tuple(self, v: tuple[Any, ...], path: str) -> Any:
-        return msgpack.ExtType(TUPLE, pack([self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]))
+        self.room -= wire.EXT_LEVEL
+        if self.room < 0:
+            raise too_deep(path)
+        out = [self.enc(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        self.room += wire.EXT_LEVEL
+        return msgpack.ExtType(wire.TUPLE, pack(out))
+
+    def enc_row(self, v: Row[Any], path: str) -> Any:
+        self.room -= wire.EXT_LEVEL
+        if self.room < 0:
+            raise too_deep(path)
+        fields = list(v._fields)
+        values = [self.enc(x, f"{path}.{f}") for f, x in zip(fields, v)]
+        self.room += wire.EXT_LEVEL
+        return msgpack.ExtType(wire.ROW, pack([fields, values]))
+
+    def enc_enum(self, v: enum.Enum, path: str) -> Any:
+        name = self.registry.register_enum(type(v))
+        self.room -= wire.EXT_LEVEL
+        if self.room < 0:
+            raise too_deep(path)
+        value = self.enc(v.value, f"{path}.value")
+        self.room += wire.EXT_LEVEL
+        return msgpack.ExtType(wire.ENUM, pack([name, value]))
+
+    def enc_custom(self, v: Any, custom: CustomType, path: str) -> Any:
+        name, encode, _ = custom
+        self.room -= wire.EXT_LEVEL
+        if self.room < 0:
+            raise too_deep(path)
+        value = self.enc(encode(v), path)
+        self.room += wire.EXT_LEVEL
+        return msgpack.ExtType(wire.CUSTOM, pack([name, value]))
 
     def enc_dict(self, v: dict[Any, Any], path: str) -> Any:
+        self.room -= 1
+        if self.room < 0:
+            raise too_deep(path)
         out = {}
         for k, x in v.items():
             kpath = f"{path}[{k!r}]"
@@ -236,17 +276,28 @@ class Encoder:
                     path=kpath,
                 )
             out[self.enc(k, kpath)] = self.enc(x, kpath)
+        self.room += 1
         return out
 
     def enc_set(self, v: set[Any] | frozenset[Any], path: str) -> Any:
-        code = FROZENSET if type(v) is frozenset else SET
-        return msgpack.ExtType(code, pack([self.enc(x, f"{path}{{…}}") for x in v]))
+        code = wire.FROZENSET if type(v) is frozenset else wire.SET
+        return msgpack.ExtType(code, pack(self.set_items(v, path)))
+
+    def set_items(self, v: set[Any] | frozenset[Any], path: str) -> list[Any]:
+        self.room -= wire.EXT_LEVEL
+        if self.room < 0:
+            raise too_deep(path)
+        items = [self.enc(x, f"{path}{{…}}") for x in v]
+        self.room += wire.EXT_LEVEL
+        return items
 
     # -- scalars ----------------------------------------------------------------------
     def enc_int(self, v: int, path: str) -> Any:
-        if INT_MIN <= v <= INT_MAX:
+        if wire.INT_MIN <= v <= wire.INT_MAX:
             return v
-        return msgpack.ExtType(BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True))
+        return msgpack.ExtType(
+            wire.BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True)
+        )
 
     def enc_datetime(self, v: dt.datetime, path: str) -> Any:
         tz = v.tzinfo
@@ -255,23 +306,23 @@ class Encoder:
             tz is None
             or (type(tz) is dt.timezone and tz.tzname(None) == _offset_name(v.utcoffset()))
         ):
-            return msgpack.ExtType(DATETIME_ISO, v.isoformat().encode())
-        return msgpack.ExtType(DATETIME, pack(_clock_parts(v, path)))
+            return msgpack.ExtType(wire.DATETIME_ISO, v.isoformat().encode())
+        return msgpack.ExtType(wire.DATETIME, pack(_clock_parts(v, path)))
 
     def enc_date(self, v: dt.date, path: str) -> Any:
-        return msgpack.ExtType(DATE, v.isoformat().encode())
+        return msgpack.ExtType(wire.DATE, v.isoformat().encode())
 
     def enc_time(self, v: dt.time, path: str) -> Any:
-        return msgpack.ExtType(TIME, pack(_clock_parts(v, path)))
+        return msgpack.ExtType(wire.TIME, pack(_clock_parts(v, path)))
 
     def enc_timedelta(self, v: dt.timedelta, path: str) -> Any:
-        return msgpack.ExtType(TIMEDELTA, pack([v.days, v.seconds, v.microseconds]))
+        return msgpack.ExtType(wire.TIMEDELTA, pack([v.days, v.seconds, v.microseconds]))
 
     def enc_decimal(self, v: decimal.Decimal, path: str) -> Any:
-        return msgpack.ExtType(DECIMAL, str(v).encode())
+        return msgpack.ExtType(wire.DECIMAL, str(v).encode())
 
     def enc_uuid(self, v: uuid.UUID, path: str) -> Any:
-        return msgpack.ExtType(UUID, v.bytes)
+        return msgpack.ExtType(wire.UUID, v.bytes)
 
 
 Encoder.table = {
@@ -290,63 +341,54 @@ Encoder.table = {
 }
 
 
-class CanonicalEncoder(Encoder):
-    """Deterministic bytes for hashing arguments into keys: equal values give equal
-    bytes whatever their order (dicts and sets are sorted), and instances stand for
-    their identity. Never decoded."""
-
-    __slots__ = ()
-
-    def __init__(self, registry: Registry) -> None:
-        super().__init__(registry, None)
-
-    def ref(self, obj: object, state: InstanceState[Any], path: str) -> Any:
-        if state.key is None:
+def enc_checking_text(self: Encoder, v: Any, path: str) -> Any:
+    """``Encoder.enc``, but refusing text that UTF-8 cannot encode (a lone surrogate)
+    where it sits. Run only after packing failed, so the usual encode pays nothing."""
+    if type(v) is str:
+        try:
+            v.encode()
+        except UnicodeEncodeError as exc:
             raise UncacheableValueError(
-                f"{path} is a {type(obj).__name__} without an identity (not yet "
-                "flushed); pass its primary key instead",
+                f"{path} is text that UTF-8 cannot encode ({exc.reason} at {exc.start}); "
+                "store valid text, e.g. s.encode('utf-8', 'replace').decode()",
                 path=path,
-            )
-        info = self.registry.mapper_info(state.mapper)
-        return msgpack.ExtType(
-            IDENTITY, pack([info.key, [self.enc(v, path) for v in state.key[1]]])
+            ) from exc
+        return v
+    return Encoder.enc(self, v, path)
+
+
+class _TextCheckingEncoder(Encoder):
+    __slots__ = ()
+    enc = enc_checking_text
+
+
+def unpackable(checker: Encoder, value: object, exc: Exception) -> UncacheableValueError:
+    """The error for a value msgpack refused (UnicodeEncodeError) or that overflowed the
+    call stack (RecursionError): ``checker`` encodes it again, checking every string, to
+    name where the bad text sits."""
+    if isinstance(exc, RecursionError):
+        return UncacheableValueError(
+            "value nests too deep for the call stack it is encoded on; return a flatter value",
+            path="value",
         )
-
-    def enc_dict(self, v: dict[Any, Any], path: str) -> Any:
-        out = super().enc_dict(v, path)
-        return msgpack.ExtType(SET, pack(sorted(pack([k, x]) for k, x in out.items())))
-
-    def enc_set(self, v: set[Any] | frozenset[Any], path: str) -> Any:
-        code = FROZENSET if type(v) is frozenset else SET
-        items = sorted(pack(self.enc(x, f"{path}{{…}}")) for x in v)
-        return msgpack.ExtType(code, pack(items))
-
-
-CanonicalEncoder.table = {
-    **Encoder.table,
-    dict: CanonicalEncoder.enc_dict,
-    set: CanonicalEncoder.enc_set,
-    frozenset: CanonicalEncoder.enc_set,
-}
+    try:
+        checker.enc(value, "value")
+        checker.fill()
+    except UncacheableValueError as found:
+        return found
+    except RecursionError:
+        pass  # a deep caller stack again: the message below will do
+    # Text the walk does not reach as a value: a Row's field names, an identity token.
+    return UncacheableValueError(
+        f"value holds text that UTF-8 cannot encode ({exc}); store valid text", path="value"
+    )
 
 
-def as_dict(obj: object) -> dict[str, Any]:
-    """The mapped instance's column attributes as a plain dict, ready to cache.
-
-    Use it instead of ``obj.__dict__``, which carries ``_sa_instance_state`` (the seed's
-    outage). Loaded attributes are read as they are; unloaded non-deferred ones are read
-    normally (which may refresh an expired object); unloaded deferred ones are skipped.
-    """
-    state: Any = inspect(obj, raiseerr=False)
-    if state is None or not hasattr(state, "mapper"):
-        raise UncacheableValueError(
-            f"as_dict() takes a mapped instance, got a {type(obj).__name__}", path="value"
-        )
-    out: dict[str, Any] = {}
-    loaded = state.dict
-    for prop in state.mapper.column_attrs:
-        if prop.key in loaded:
-            out[prop.key] = loaded[prop.key]
-        elif not prop.deferred:
-            out[prop.key] = getattr(obj, prop.key)
-    return out
+def encode_body(
+    registry: Registry, value: object, on_instance: Callable[[object], None] | None
+) -> bytes:
+    """The payload body for ``value`` (see ``wire``), or UncacheableValueError."""
+    try:
+        return Encoder(registry, on_instance).body(value)
+    except (UnicodeEncodeError, RecursionError) as exc:
+        raise unpackable(_TextCheckingEncoder(registry, None), value, exc) from exc

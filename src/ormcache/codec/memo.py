@@ -10,6 +10,8 @@ would again.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 from sqlalchemy.engine import Row
@@ -18,6 +20,7 @@ from ormcache.errors import CorruptPayloadError
 
 from .decode import IMMUTABLE, SIMPLE, Ref
 from .registry import MapperInfo
+from .wire import MAX_DEPTH
 
 #: One instance: (mapper info, identity key or None, column values, all columns loaded
 #: and immutable?, relationships).
@@ -61,29 +64,36 @@ class Parsed:
                 if type(refs) is not list or not all(type(i) is int and 0 <= i < n for i in refs):
                     raise CorruptPayloadError("relationship names no instance of the payload")
             plain = IMMUTABLE.issuperset(map(type, cols))
+            if not plain:
+                for value in cols:
+                    # A column holds no instance (n=0); hydrating it recurses.
+                    check_refs(value, 0)
             items.append((info, ident_key, cols, plain, rels))
         check_refs(root, n)
         self.items = items
         self.root = root
 
 
-def check_refs(v: Any, n: int) -> None:
-    """Every instance reference in the value names one of the payload's ``n`` instances."""
+def check_refs(v: Any, n: int, depth: int = 0) -> None:
+    """Every instance reference in the value names one of the payload's ``n`` instances,
+    and the value nests no deeper than an encoder writes (hydrating it walks it again on
+    every hit, and must not exhaust the stack). ``depth``: the containers around ``v``."""
     t = type(v)
     if t is Ref:
         if not 0 <= v.idx < n:
             raise CorruptPayloadError("reference to no instance of the payload")
-    elif t is list or t is tuple or t is set or t is frozenset:
-        for x in v:
-            if type(x) not in SIMPLE:
-                check_refs(x, n)
-    elif t is dict:
-        for k, x in v.items():
-            check_refs(k, n)
-            check_refs(x, n)
-    elif isinstance(v, Row):
-        for x in v:
-            check_refs(x, n)
+        return
+    if t is dict:
+        children: Iterable[Any] = chain(v, v.values())
+    elif t is list or t is tuple or t is set or t is frozenset or isinstance(v, Row):
+        children = v
+    else:
+        return
+    if depth >= MAX_DEPTH:
+        raise CorruptPayloadError("payload value nests deeper than the format allows")
+    for x in children:
+        if type(x) not in SIMPLE:
+            check_refs(x, n, depth + 1)
 
 
 class ParseMemo:

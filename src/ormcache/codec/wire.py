@@ -54,6 +54,11 @@ key]`` for a ``zoneinfo`` zone, ``[naive, fold, "o", UTC offset in microseconds,
 name or nil]`` for any other fixed offset. :data:`DATETIME_ISO` is the short form used
 when the ISO text alone says everything (no fold, and no zone name of its own).
 
+Nesting is bounded, and the bound is part of the format: a value nests at most
+:data:`MAX_DEPTH` levels deep, where a list or dict counts 1 and a tuple, set, frozenset,
+Row, Enum or custom value (whose items sit inside an extension's data) counts
+:data:`EXT_LEVEL`. So extensions nest at most :data:`MAX_EXT_DEPTH` deep.
+
 The **canonical form** hashes arguments into key names, so it is stored format too, but
 it is never decoded: ``b"s"`` + a packed array for a tuple of plain scalars, else
 ``b"c"`` + the packed value, in which dicts and sets are SET extensions of their sorted
@@ -84,6 +89,18 @@ TIMEDELTA, DECIMAL, UUID, ENUM, ROW, INSTANCE, CUSTOM, IDENTITY = 8, 9, 10, 11, 
 DATETIME_ISO = 16
 
 MISSING_EXT = msgpack.ExtType(MISSING, b"")
+
+#: How deep a value may nest. Encoding and walking a decoded value recurse once per
+#: container, so this keeps them well inside Python's recursion limit wherever the
+#: caller's own stack stands.
+MAX_DEPTH = 128
+#: What one extension with packed data (tuple, set, frozenset, Row, Enum, custom) counts
+#: towards MAX_DEPTH. Decoding one runs msgpack's unpacker again from inside the last,
+#: and each run keeps about 40 KiB on the C stack: about 200 levels overflow an 8 MiB
+#: stack and kill the process.
+EXT_LEVEL = 4
+#: So extensions nest at most this deep (about 1.5 MiB of C stack).
+MAX_EXT_DEPTH = MAX_DEPTH // EXT_LEVEL
 
 _packers = threading.local()
 
