@@ -206,6 +206,63 @@ def test_uncacheable_argument_and_value(cache_url: str, namespace: str) -> None:
         c.close()
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_values_the_codec_cannot_pack_take_the_uncacheable_path(
+    cache_url: str, namespace: str, strict: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: a lone surrogate (as an argument or inside a result) and a result nested
+    600 deep escaped as UnicodeEncodeError / RecursionError, even with strict=False.
+    Strict mode raises UncacheableValueError naming the path; otherwise each call is
+    served uncached, counted, and logged once per function."""
+    c = Cache(cache_url, namespace=namespace, strict=strict)
+    calls: list[str] = []
+
+    @c.memoize
+    def echo(x: str) -> str:
+        calls.append("echo")
+        return x.upper()
+
+    @c.memoize
+    def profile() -> dict[str, str]:
+        calls.append("profile")
+        return {"name": "bad\ud800"}
+
+    @c.memoize
+    def tree(depth: int) -> list[Any]:
+        calls.append("tree")
+        value: list[Any] = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    cases: list[tuple[Any, str]] = [
+        (lambda: echo("\ud800"), "value[0]"),
+        (profile, "value['name']"),
+        (lambda: tree(600), "value[0][0]"),
+    ]
+    try:
+        for call, path in cases:
+            if strict:
+                with pytest.raises(UncacheableValueError) as info:
+                    call()
+                assert info.value.path.startswith(path)
+            else:
+                with caplog.at_level(logging.WARNING, logger="ormcache"):
+                    first, second = call(), call()
+                assert first == second
+        if not strict:
+            assert calls == ["echo", "echo", "profile", "profile", "tree", "tree"]
+            assert c.stats().uncacheable == 6
+            warned = [r for r in caplog.records if "cannot be cached" in r.getMessage()]
+            assert len(warned) == 3  # once per function
+            assert tree(3) == [[[[]]]]  # a shallow value is still cached
+            assert tree(3) == [[[[]]]]
+            assert calls.count("tree") == 3
+    finally:
+        c.clear()
+        c.close()
+
+
 def test_merge_puts_hits_into_the_callers_session(cache: Cache, sqlite_engine: Any) -> None:
     """With ``merge=True`` and an attached scoped_session, a hit comes back persistent in
     the caller's session, the same object a query would return, with no SQL."""
