@@ -86,15 +86,41 @@ def reader(
                 .version
             )
 
-    read = memoized_version if mode == "memoize" else fromcache_version
+    def transaction_then_fresh(row: int) -> int:
+        """A plain read fixes the transaction's snapshot (REPEATABLE READ), then cached
+        reads run in the same transaction while writers commit: none of them may store
+        that snapshot as current. The read checked is a fresh one, afterwards."""
+        with Session() as s:
+            s.get(Counter, 1 + (row % n_rows))
+            for _ in range(2):
+                s.scalars(select(Counter).where(Counter.id == row).options(FromCache(ttl=60))).one()
+                memoized_in(s, row)
+        return fromcache_version(row)
+
+    @cache.memoize(ttl=60)
+    def memoized_in(session: Any, row: int) -> int:
+        return session.scalars(select(Counter.version).where(Counter.id == row)).one()
+
+    read = {
+        "memoize": memoized_version,
+        "fromcache": fromcache_version,
+        "transaction": transaction_then_fresh,
+    }[mode]
     reads = stale = 0
     worst = 0
     i = seed
     while not stop.is_set():
         row = 1 + (i % n_rows)
         i += 1
-        floor = published[row - 1].value
-        got = read(row)
+        if mode == "transaction":
+            # The transaction's own reads come first; the floor is noted before the
+            # fresh read that is checked.
+            got = read(row)
+            floor = published[row - 1].value
+            got = fromcache_version(row)
+        else:
+            floor = published[row - 1].value
+            got = read(row)
         reads += 1
         if reads % 100 == 0:
             with progress.get_lock():
