@@ -235,7 +235,7 @@ class EngineWatch:
     ) -> None:
         core = self.core
         dialect = conn.dialect.name
-        writes = execution_write_tags(context, statement, dialect)
+        writes = execution_write_tags(context, statement, dialect, core.declared)
         if writes is not None:
             self._written(conn, st, writes, context)
             return
@@ -262,7 +262,7 @@ class EngineWatch:
 
     def _written(self, conn: Connection, st: _ConnState, tags: set[str], context: Any) -> None:
         core = self.core
-        tags = dependent_writes(conn.engine, tags)
+        tags = dependent_writes(conn, tags, core.declared)
         if _autocommit(conn):
             # Committed as it runs: lease now, release right after it (below).
             token = uuid.uuid4().hex
@@ -374,7 +374,7 @@ class SessionTracker:
                 tags |= written
         if tags:
             bind = session.get_bind() if session.bind is not None else None
-            self.record(session).add(self.core, dependent_writes(bind, tags))
+            self.record(session).add(self.core, dependent_writes(bind, tags, self.core.declared))
 
     def after_flush_postexec(self, session: Session, flush_context: Any) -> None:
         token = self._flush_tokens.pop(id(session), None)
