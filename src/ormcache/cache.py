@@ -273,7 +273,7 @@ class Cache:
         writes=["users"])``: a call of the function or procedure ``touch`` writes
         ``users``, instead of the whole namespace; ``writes=[]`` declares that it writes
         nothing (a call is then neither a write nor cached). Names are
-        ``Table.fullname``\ s (``schema.table`` outside the default schema); Tables and
+        ``Table.fullname`` values (``schema.table`` outside the default schema); Tables and
         mapped classes are accepted too. Declarations add to what the catalog shows, and
         for a routine they replace it.
         """
