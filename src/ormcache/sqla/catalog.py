@@ -37,11 +37,13 @@ Nothing here ever raises into the application.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import MetaData, Table
@@ -55,9 +57,9 @@ from .reflection import Body, CatalogFacts, read_catalog
 __all__ = [
     "Declarations",
     "catalog_rules",
+    "ddl_running",
     "dependent_writes",
     "function_rules",
-    "mark_stale",
     "note_metadata",
 ]
 
@@ -237,11 +239,22 @@ def _entry(engine: Engine) -> _EngineCatalog:
     return found
 
 
-def mark_stale(bind: Any) -> None:
-    """After DDL: read the catalog again at the next write that needs it."""
+#: The engine whose DDL statement is about to run in this context, if any.
+_ddl_now: contextvars.ContextVar[Engine | None] = contextvars.ContextVar(
+    "ormcache_ddl_now", default=None
+)
+
+
+def ddl_running(bind: Any) -> None:
+    """Called before every statement on a watched engine: ``bind`` is the engine when
+    the statement is DDL (None otherwise). The engine's catalog is then stale, but is
+    not read again until a later statement, once the DDL has run."""
     engine = getattr(bind, "engine", None)
     if isinstance(engine, Engine):
         _entry(engine).stale = True
+        _ddl_now.set(engine)
+    elif _ddl_now.get() is not None:
+        _ddl_now.set(None)
 
 
 def _graph(bind: Any, load: bool) -> _Graph | None:
@@ -253,7 +266,11 @@ def _graph(bind: Any, load: bool) -> _Graph | None:
     graph = entry.graph
     if graph is not None and not _expired(entry, graph):
         return graph
-    if not load or (engine.dialect.name == "sqlite" and not isinstance(bind, Connection)):
+    if (
+        not load
+        or _ddl_now.get() is engine
+        or (engine.dialect.name == "sqlite" and not isinstance(bind, Connection))
+    ):
         # SQLite's catalog is read on the writing connection (an in-memory database
         # exists on that connection only): the cursor-level write that comes first.
         return graph
@@ -275,20 +292,8 @@ def _read(bind: Any, engine: Engine) -> _Graph:
     try:
         if isinstance(bind, Connection) and dialect == "sqlite":
             return _Graph(read_catalog(bind.connection.dbapi_connection, dialect), False)
-        # A fresh connection, not one of the application's: its pool may be exhausted
-        # by the very transaction that is writing, and catalog statements must not pass
-        # through the cursor events that classify the application's statements.
-        pool = engine.pool.recreate()
-        try:
-            conn = pool.connect()
-            try:
-                facts = read_catalog(conn.dbapi_connection, dialect)
-                conn.rollback()
-            finally:
-                conn.close()
-        finally:
-            pool.dispose()
-        return _Graph(facts, failed=False)
+        with _borrowed(engine) as dbapi_connection:
+            return _Graph(read_catalog(dbapi_connection, dialect), failed=False)
     except Exception as exc:
         logger.warning(
             "ormcache: could not read the %s catalog for foreign-key actions, triggers "
@@ -298,6 +303,33 @@ def _read(bind: Any, engine: Engine) -> _Graph:
             exc,
         )
         return _Graph(None, failed=True)
+
+
+@contextlib.contextmanager
+def _borrowed(engine: Engine) -> Iterator[Any]:
+    """A DBAPI connection that is not the writing one: an idle one of the engine's pool
+    if there is one (no new connection, which a busy server may refuse), else a fresh
+    one from a copy of the pool (never wait for the pool: the writer may be holding its
+    last connection). Used at the DBAPI level, so the catalog queries never pass through
+    the cursor events that classify the application's statements."""
+    pool = engine.pool
+    idle = getattr(pool, "checkedin", None)
+    if callable(idle) and idle() > 0:
+        conn = pool.connect()
+        try:
+            yield conn.dbapi_connection
+        finally:
+            conn.close()  # the pool's reset on return rolls the catalog reads back
+        return
+    spare = pool.recreate()
+    try:
+        conn = spare.connect()
+        try:
+            yield conn.dbapi_connection
+        finally:
+            conn.close()
+    finally:
+        spare.dispose()
 
 
 # -- the two questions ---------------------------------------------------------------

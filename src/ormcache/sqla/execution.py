@@ -32,7 +32,7 @@ from .analysis import (
     text_read_tags,
     text_write_tags,
 )
-from .catalog import Declarations, catalog_rules, function_rules, mark_stale, note_metadata
+from .catalog import Declarations, catalog_rules, ddl_running, function_rules, note_metadata
 from .tags import any_partition_tag, partition_tag, table_tag
 
 __all__ = ["execution_read_tags", "execution_write_tags"]
@@ -54,11 +54,12 @@ def execution_write_tags(
     routine whose body names its writes writes those tables.
     """
     engine = getattr(context, "engine", None)
-    if _is_ddl(context, statement):
-        # DDL may add or drop triggers, foreign-key actions and routines.
-        mark_stale(engine)
+    ddl = _is_ddl(context, statement)
+    # DDL may add or drop triggers, foreign-key actions and routines: the catalog is read
+    # again at the next write, never during the DDL statement (it has not run yet).
+    ddl_running(engine if ddl else None)
     first = _write_tags(context, statement, dialect, declared.rules if declared else None)
-    if first is None or NAMESPACE_TAG not in first or engine is None:
+    if ddl or first is None or NAMESPACE_TAG not in first or engine is None:
         return first
     rules = function_rules(getattr(context, "root_connection", engine), declared)
     if not (rules.writes or rules.read_only or rules.deterministic):

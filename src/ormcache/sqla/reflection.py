@@ -205,6 +205,7 @@ JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
     AND d.refclassid = 'pg_class'::regclass
 JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace
 WHERE v.relkind = 'v' AND t.oid <> v.oid
+  AND vn.nspname <> 'information_schema' AND vn.nspname NOT LIKE 'pg\\_%'
 """
 _PG_ROUTINES = """
 SELECT n.nspname, p.proname, p.provolatile, l.lanname, p.prosrc
@@ -263,7 +264,6 @@ WHERE ROUTINE_SCHEMA NOT IN ('mysql', 'information_schema', 'performance_schema'
 
 
 def _read_mysql(cursor: Any) -> CatalogFacts:
-    cursor.execute("SET SESSION lock_wait_timeout = 5")
     defaults = frozenset(r[0] for r in _rows(cursor, "SELECT DATABASE()") if r[0])
     triggers: dict[str, list[Body]] = {}
     for table, statement in _rows(cursor, _MY_TRIGGERS):
