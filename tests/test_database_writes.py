@@ -463,3 +463,78 @@ def test_ddl_through_an_attached_engine_invalidates(env: Any, db_engine: Any, dd
         else:
             conn.execute(DDL("ALTER TABLE dw_other ADD COLUMN extra int"))
     reads.check("other")
+
+
+@pytest.mark.parametrize(
+    ("body", "dialect", "writes", "unknown"),
+    [
+        (
+            "BEGIN IF TG_OP = 'DELETE' THEN INSERT INTO audit (id) VALUES (OLD.id);"
+            " ELSE UPDATE stats SET n = n + 1 WHERE id = NEW.sid RETURNING n INTO v;"
+            " END IF; RETURN NEW; END",
+            "postgresql",
+            {"audit", "stats"},
+            False,
+        ),
+        ("BEGIN SELECT * FROM t FOR UPDATE; RETURN NEW; END", "postgresql", set(), False),
+        ("BEGIN EXECUTE 'DELETE FROM ' || TG_TABLE_NAME; END", "postgresql", set(), True),
+        ("BEGIN RAISE NOTICE 'update failed; delete nothing'; END", "postgresql", set(), False),
+        (
+            "BEGIN DELETE FROM public.logs WHERE ts < now(); END",
+            "postgresql",
+            {"public.logs"},
+            False,
+        ),
+        ("BEGIN UPDATE a JOIN b ON a.id = b.id SET b.x = 1; END", "mysql", {"a", "b"}, False),
+        ("BEGIN PREPARE s FROM @q; EXECUTE s; END", "mysql", set(), True),
+        (" UPDATE c SET n = 1; DELETE FROM d; END", "sqlite", {"c", "d"}, False),
+        ("BEGIN UPDATE t SET WHERE; END", "postgresql", set(), True),
+        (None, "postgresql", set(), True),
+    ],
+)
+def test_trigger_and_routine_bodies(
+    body: str | None, dialect: str, writes: set[str], unknown: bool
+) -> None:
+    """Procedural bodies: each DML statement parsed on its own; dynamic SQL, or a
+    statement that does not parse, means the writes are unknown."""
+    from ormcache.sqla.reflection import scan_body
+
+    found = scan_body(body, dialect)
+    assert found.unknown is unknown
+    if not unknown:
+        assert {w.lower() for w in found.writes} >= writes
+        bare = {w.split(".")[-1] for w in writes}
+        assert {w.lower().split(".")[-1] for w in found.writes} == bare
+
+
+def test_catalog_graph_follows_triggers_routines_and_views() -> None:
+    """The graph built from catalog facts: transitive, by every name a tag may use, and
+    the namespace where a trigger's writes are unknown."""
+    from ormcache.sqla.catalog import Declarations, _closure, _Graph
+    from ormcache.sqla.reflection import Body, CatalogFacts, Routine
+
+    facts = CatalogFacts(
+        default_schemas=frozenset({"public"}),
+        actions={"public.parent": frozenset({"public.child"})},
+        triggers={
+            "public.child": (Body(calls=frozenset({"touch"})),),
+            "public.opaque": (Body(unknown=True),),
+        },
+        views={"public.v_totals": frozenset({"public.totals"})},
+        routines={
+            "touch": Routine("v", Body(writes=frozenset({"totals"}))),
+            "public.touch": Routine("v", Body(writes=frozenset({"totals"}))),
+            "pure": Routine("i", Body()),
+        },
+    )
+    graph = _Graph(facts, failed=False)
+    extra, namespace = _closure({"parent"}, graph, None)
+    assert not namespace
+    assert {"child", "public.child", "totals", "v_totals", "public.v_totals"} <= extra
+    assert _closure({"public.opaque"}, graph, None)[1]
+    assert _closure({"v_totals"}, graph, None)[0] >= {"totals"}  # write through a view
+    assert graph.rules.writes["touch"] >= {"totals"}
+    assert "pure" in graph.rules.deterministic
+    declared = Declarations()
+    declared.declare("totals", ["ledger"])
+    assert "ledger" in _closure({"parent"}, graph, declared)[0]
