@@ -133,7 +133,7 @@ class EngineWatch:
     ) -> None:
         core = self.core
         dialect = conn.dialect.name
-        writes = execution_write_tags(context, statement, dialect)
+        writes = execution_write_tags(context, statement, dialect, core.declared)
         if writes is not None:
             self._written(conn, st, writes, context)
             return
@@ -164,7 +164,7 @@ class EngineWatch:
 
     def _written(self, conn: Connection, st: _ConnState, tags: set[str], context: Any) -> None:
         core = self.core
-        tags = dependent_writes(conn.engine, tags)
+        tags = dependent_writes(conn, tags, core.declared)
         if _autocommit(conn):
             # Committed as it runs: lease now, release right after it (below).
             token = uuid.uuid4().hex

@@ -62,3 +62,6 @@ class TxRecord:
         if self.token is not None:
             core.guard.release_lease(sorted(self.lease_tags), self.token)
             self.token = None
+        # A connection's record outlives its transaction: the next one starts clean
+        # (otherwise every later commit on the connection bumps these tags again).
+        self.written = set()

@@ -203,7 +203,7 @@ class SessionTracker:
                 tags |= written
         if tags:
             bind = session.get_bind() if session.bind is not None else None
-            self.record(session).add(self.core, dependent_writes(bind, tags))
+            self.record(session).add(self.core, dependent_writes(bind, tags, self.core.declared))
 
     def after_flush_postexec(self, session: Session, flush_context: Any) -> None:
         token = self._flush_tokens.pop(id(session), None)
