@@ -110,7 +110,12 @@ def _on_any_cursor(conn: Connection, cursor: Any, statement: str, *args: Any) ->
 
 
 def _on_any_orm_execute(state: ORMExecuteState) -> None:
-    if not state.is_select or fromcache.from_cache_option(state) is None:
+    # Runs for every ORM statement of the process: the common case (no FromCache
+    # option) must cost almost nothing.
+    for opt in getattr(state.statement, "_with_options", ()):
+        if isinstance(opt, fromcache.FromCache):
+            break
+    else:
         return
     for fn in state.session.dispatch.do_orm_execute:
         if isinstance(getattr(fn, "__self__", None), SessionTracker):
