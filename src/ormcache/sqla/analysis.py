@@ -46,11 +46,10 @@ from .functions import FunctionRules
 from .rawsql import SqlFacts, sql_facts, text_is_read, text_read_tags, text_write_tags
 from .serve import select_write_tags, uncacheable_reason
 from .tags import (
-    any_partition_tag,
     comparable_type,
     partition_columns,
     partition_tag,
-    table_tag,
+    read_tags,
 )
 from .writes import dml_write_tags, flush_write_tags
 
@@ -382,11 +381,7 @@ def statement_read_tags(
             if term is None
             else partition_tag(table, term[0], bind_value(term[1], params), salt)
         )
-        if tag is None:
-            out.add(table_tag(table))
-        else:
-            out.add(tag)
-            out.add(any_partition_tag(table))
+        out.update(read_tags(table, tag))
     return out
 
 

@@ -34,7 +34,7 @@ from .analysis import (
     uncacheable_reason,
 )
 from .catalog import Declarations, catalog_rules, ddl_running, function_rules, note_metadata
-from .tags import any_partition_tag, partition_tag, table_tag
+from .tags import any_partition_tag, partition_tag, read_tags, table_tag
 
 __all__ = ["execution_read_tags", "execution_serve_reason", "execution_write_tags"]
 
@@ -168,11 +168,7 @@ def execution_read_tags(
             name = names.get(term[1])
             if name is not None and name in params:
                 tag = partition_tag(table, term[0], params[name], salt)
-        if tag is None:
-            out.add(table_tag(table))
-        else:
-            out.add(tag)
-            out.add(any_partition_tag(table))
+        out.update(read_tags(table, tag))
     return out
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "instance_tags",
     "partition_columns",
     "partition_tag",
+    "read_tags",
     "table_tag",
     "tags_for_target",
 ]
@@ -41,6 +42,14 @@ def table_tag(table: TableClause) -> str:
 
 def any_partition_tag(table: TableClause) -> str:
     return f"a:{table.fullname}"
+
+
+def read_tags(table: TableClause, partition: str | None) -> tuple[str, ...]:
+    """What a read of ``table`` depends on: its partition (and every write whose rows are
+    unknown: ``a:``) when the read is bounded by one, else the whole table."""
+    if partition is None:
+        return (table_tag(table),)
+    return (partition, any_partition_tag(table))
 
 
 def comparable_type(type_: Any) -> TypeEngine[Any] | None:
