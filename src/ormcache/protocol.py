@@ -58,6 +58,9 @@ class ReadContext:
     loaded: set[object] = field(default_factory=set)
     #: The computation accepts reads of time functions (``memoize(allow_time=True)``).
     allow_time: bool = False
+    #: Why the computation's sessions held instances before it began (they can be used
+    #: without a query), or None.
+    preloaded: str | None = None
     #: tag -> sequence number (:func:`next_seq`) drawn before its generation was first
     #: read: what decides whether a later read from an older transaction snapshot is
     #: still covered by generations read before that snapshot began.

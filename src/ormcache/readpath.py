@@ -263,9 +263,9 @@ class ReadPath:
             # that lands while it runs must fail the store below.
             seq = next_seq()
             ctx.record(guard.snapshot([NAMESPACE_TAG]), "the namespace check", seq)
-            preloaded = core.preloaded(call) if core.preloaded is not None else None
-            if preloaded is not None:
-                ctx.forbid(preloaded)
+            # Instances already in the call's sessions can be used without a query; a
+            # value that no query of the call stands behind is then not stored (below).
+            ctx.preloaded = core.preloaded(call) if core.preloaded is not None else None
         else:
             tags = recipe.tags(call)
             if tags is None:
@@ -298,6 +298,9 @@ class ReadPath:
         except UncacheableValueError as exc:
             self.uncacheable(recipe.name, exc, recipe.strict)
             return
+        snap = ctx.snapshot
+        if ctx.preloaded and snap is not None and all(t == NAMESPACE_TAG for t in snap.tags):
+            ctx.forbid(ctx.preloaded)
         if not ctx.storable or ctx.snapshot is None:
             logger.debug("ormcache: %s not stored: %s", recipe.name, ctx.reason)
             return

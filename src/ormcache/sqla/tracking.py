@@ -401,8 +401,9 @@ class Wiring:
         Instances already in a session's identity map when the call starts (a
         ``scoped_session`` the application reuses, a session passed as an argument) can
         be older than any generation the call reads: ``session.get()`` and attribute
-        access serve them without a query. A value computed then is returned but not
-        stored.
+        access serve them without a query. A call that then runs no query of its own has
+        nothing tying its value to a generation, so it is returned but not stored; a call
+        whose value comes from its own queries is stored as usual.
         """
         sessions: list[Session] = []
         for owner, _tracker in self.targets.values():
@@ -418,8 +419,8 @@ class Wiring:
         for session in sessions:
             if any(state.key is not None for state in session.identity_map.all_states()):
                 return (
-                    "its session held instances loaded before the call, which it may "
-                    "have used without a query; call it with a fresh session to cache it"
+                    "it ran no query, and its session held instances loaded before the "
+                    "call, which it may have used; call it with a fresh session to cache it"
                 )
         return None
 
