@@ -306,7 +306,11 @@ def execute(
     now (see ``tracking``): it is then neither served nor stored.
     """
     session = state.session
-    if session.autoflush and not session._is_clean():
+    # A load issued by the flush itself (a lazy collection of an instance being deleted,
+    # which inherited FromCache): never flush inside the flush, and never serve or store
+    # a read made mid-flush, whose writes are not recorded until the flush ends.
+    flushing = session._flushing
+    if session.autoflush and not flushing and not session._is_clean():
         # The ORM autoflushes only after this hook; flush first so our own pending
         # writes are known, and bypass the cache for the tables they touch.
         session.flush()
@@ -317,7 +321,9 @@ def execute(
     read = StatementRead(core, state, option, plan, ck, _params(state))
     bypass: str | None = None
     key = ""
-    if plan is None:
+    if flushing:
+        bypass = "the session is flushing"
+    elif plan is None:
         bypass = "ormcache cannot determine every table it reads"
     elif state.is_orm_statement and state.load_options._populate_existing:
         bypass = "populate_existing() asks for a database read"
