@@ -34,6 +34,7 @@ from typing import Any
 
 from flask import g
 from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import aliased
 
 from ormcache import Cache, FromCache
 
@@ -95,13 +96,15 @@ class _Dated:
 
 
 def install(cache: Cache) -> Cache:
-    """Apply the integration to the imported ihatemoney modules (once per process)."""
+    """Apply the integration to the imported ihatemoney modules, once per process, and
+    return the cache it uses (the first one given)."""
     from ihatemoney import default_settings, history, models
     from ihatemoney import run as ihm_run
 
-    if getattr(models, "_ormcache_installed", False):
-        return cache
-    models._ormcache_installed = True  # type: ignore[attr-defined]
+    installed = getattr(models, "_ormcache", None)
+    if installed is not None:
+        return installed  # type: ignore[no-any-return]
+    models._ormcache = cache  # type: ignore[attr-defined]
 
     # -- configuration and wiring: the README's Flask recipe, in the factory -----------
     default_settings.ORMCACHE_URL = os.environ.get("ORMCACHE_URL", "memory://")  # type: ignore[attr-defined]
@@ -210,34 +213,33 @@ def _install_memoized(cache: Cache, models: Any) -> None:
         models.db,
     )
 
-    def bill_rows(project_id: str) -> list[Any]:
-        return db.session.execute(
-            select(Bill.id, Bill.payer_id, Bill.bill_type, Bill.converted_amount)
-            .join(Person, Bill.payer_id == Person.id)
-            .where(Person.project_id == project_id)
-            .order_by(Bill.id)
-        ).all()
-
-    def owers_by_bill(project_id: str) -> dict[int, list[tuple[int, float]]]:
+    def bills_with_shares(project_id: str) -> list[Any]:
+        """Each bill with its owers and their weights, in one statement, so the balances
+        are computed from one state of the database even at READ COMMITTED."""
+        payer, ower = aliased(Person), aliased(Person)
         rows = db.session.execute(
-            select(billowers.c.bill_id, Person.id, Person.weight)
-            .join(Person, billowers.c.person_id == Person.id)
-            .where(Person.project_id == project_id)
-            .order_by(billowers.c.bill_id, Person.id)
+            select(
+                Bill.id, Bill.payer_id, Bill.bill_type, Bill.converted_amount, ower.id, ower.weight
+            )
+            .join(payer, Bill.payer_id == payer.id)
+            .outerjoin(billowers, billowers.c.bill_id == Bill.id)
+            .outerjoin(ower, billowers.c.person_id == ower.id)
+            .where(payer.project_id == project_id)
+            .order_by(Bill.id, ower.id)
         ).all()
-        out: dict[int, list[tuple[int, float]]] = defaultdict(list)
-        for bill_id, person_id, weight in rows:
-            out[bill_id].append((person_id, weight))
-        return out
+        bills: dict[int, tuple[Any, Any, Any, list[tuple[int, float]]]] = {}
+        for bill_id, payer_id, bill_type, converted, ower_id, weight in rows:
+            shares = bills.setdefault(bill_id, (payer_id, bill_type, converted, []))[3]
+            if ower_id is not None:
+                shares.append((ower_id, weight))
+        return list(bills.values())
 
     @cache.memoize(ttl=TTL)
     def project_full_balance(project_id: str) -> list[dict[int, float]]:
         """The five dicts of ``Project.full_balance``: balance, spent, paid,
         transferred, received (person id -> amount)."""
         balances, spent, paid, transferred, received = ({} for _ in range(5))
-        owers = owers_by_bill(project_id)
-        for bill_id, payer_id, bill_type, converted in bill_rows(project_id):
-            shares = owers.get(bill_id, [])
+        for payer_id, bill_type, converted, shares in bills_with_shares(project_id):
             total_weight = sum(weight for _, weight in shares)
             if bill_type == BillType.EXPENSE:
                 paid[payer_id] = paid.get(payer_id, 0.0) + converted
