@@ -48,24 +48,35 @@ def app(redis_url: str, namespace: str, sqlite_engine: Any) -> Any:
     cache.close()
 
 
+@pytest.fixture
+def db_url(sqlite_engine: Any) -> str:
+    return str(sqlite_engine.url)
+
+
 def test_invalidate_a_table_after_an_outside_write(
-    app: Any, redis_url: str, namespace: str
+    app: Any, redis_url: str, namespace: str, db_url: str
 ) -> None:
     name_of, keys, write_outside, _ = app
     write_outside()
     assert name_of(keys[0]) == "user0"  # the write was invisible: served from cache
-    result = run("--url", redis_url, "--namespace", namespace, "invalidate", "oc_users")
+    result = run(
+        "--url", redis_url, "--namespace", namespace, "invalidate", "oc_users",
+        "--database-url", db_url,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "invalidated oc_users" in result.output
     assert name_of(keys[0]) == "changed-user0"
 
 
 def test_invalidating_another_table_leaves_entries(
-    app: Any, redis_url: str, namespace: str
+    app: Any, redis_url: str, namespace: str, db_url: str
 ) -> None:
     name_of, keys, write_outside, _ = app
     write_outside()
-    result = run("--url", redis_url, "--namespace", namespace, "invalidate", "oc_addresses")
+    env = {"DATABASE_URL": db_url}  # the application's own variable is read too
+    result = run(
+        "--url", redis_url, "--namespace", namespace, "invalidate", "oc_addresses", env=env
+    )
     assert result.exit_code == 0, result.output
     assert name_of(keys[0]) == "user0"
 
@@ -122,7 +133,7 @@ def test_unreachable_redis_is_a_clear_failure() -> None:
     from tests.support.net import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
-    result = run("--url", url, "invalidate", "users")
+    result = run("--url", url, "invalidate", "users", "--no-check")
     assert result.exit_code == 1
     assert "invalidate failed" in result.output
     assert "check that it is running" in result.output
@@ -141,3 +152,27 @@ def test_clear_without_a_url_fails_before_asking() -> None:
     assert result.exit_code == 2
     assert "no cache URL" in result.output
     assert "delete every cache entry" not in result.output
+
+
+def test_an_unknown_table_is_refused_and_nothing_is_bumped(
+    app: Any, redis_url: str, namespace: str, db_url: str
+) -> None:
+    """Issue 10 §6: ``ormcache invalidate nosuchtable`` said "invalidated nosuchtable" and
+    exited 0, so a typo in a deploy script left the entries it meant to drop in service."""
+    name_of, keys, write_outside, _ = app
+    write_outside()
+    base = ("--url", redis_url, "--namespace", namespace, "invalidate")
+    result = run(*base, "nosuchtable", "oc_users", "--database-url", db_url)
+    assert result.exit_code == 2
+    assert "unknown table nosuchtable" in result.output
+    assert "nothing was invalidated" in result.output
+    assert name_of(keys[0]) == "user0"  # oc_users was not bumped either
+
+    unchecked = run(*base, "nosuchtable", env={"ORMCACHE_DATABASE_URL": "", "DATABASE_URL": ""})
+    assert unchecked.exit_code == 2
+    assert "cannot check the table names" in unchecked.output
+    assert "--no-check" in unchecked.output
+
+    forced = run(*base, "oc_users", "--no-check", env={"DATABASE_URL": ""})
+    assert forced.exit_code == 0, forced.output
+    assert name_of(keys[0]) == "changed-user0"

@@ -479,7 +479,7 @@ def test_concurrent_decodes_of_one_payload_stay_independent(session: Session) ->
             got.data["k"][2]["x"] = n
             got.lines.pop()
             if n == 0 and i % 10 == 0:
-                codec._parsed.clear()
+                codec.parsed.clear()
 
     run_threads(work, 4)
 
@@ -627,11 +627,11 @@ def test_zoneinfo_and_fold_round_trip() -> None:
 def test_a_failed_pack_leaves_nothing_behind_for_the_next() -> None:
     """Packing reuses one msgpack Packer per thread: a value it refuses must not leave
     bytes in its buffer that end up in the next payload."""
-    from ormcache.codec import _pack
+    from ormcache.codec.wire import pack
 
     with pytest.raises(TypeError):
-        _pack([1, object()])
-    assert msgpack.unpackb(_pack([2, "b"])) == [2, "b"]
+        pack([1, object()])
+    assert msgpack.unpackb(pack([2, "b"])) == [2, "b"]
 
 
 def test_key_hashes_are_plain_blake2b() -> None:
@@ -647,3 +647,275 @@ def test_key_hashes_are_plain_blake2b() -> None:
             hash_bytes(data, b"k" * 32)
             == hashlib.blake2b(data, digest_size=16, key=b"k" * 32).hexdigest()
         )
+
+
+# -- issue 12: what the codec cannot pack, and hostile nesting --------------------------
+def nested(depth: int, leaf: Any = 1, wrap: Any = lambda v: [v]) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = wrap(value)
+    return value
+
+
+lone_surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+bad_text = st.builds(lambda a, s, b: a + s + b, st.text(max_size=3), lone_surrogates, st.text())
+# A value with text UTF-8 cannot encode somewhere inside: as a value, a key, in a tuple...
+with_bad_text = st.recursive(
+    st.one_of(bad_text, bad_text.map(lambda k: {k: 1})),
+    lambda inner: st.one_of(
+        st.tuples(st.lists(values, max_size=2), inner).map(lambda t: [*t[0], t[1]]),
+        inner.map(lambda x: (x,)),
+        st.tuples(st.text(), inner, st.dictionaries(st.text(), values, max_size=2)).map(
+            lambda t: {**t[2], t[0]: t[1]}
+        ),
+        st.tuples(st.sampled_from(["k"]), inner).map(lambda t: {"k": t[1], "ok": t[0]}),
+    ),
+    max_leaves=6,
+)
+
+
+@FAST
+@given(with_bad_text)
+def test_text_utf8_cannot_encode_is_uncacheable_not_a_unicode_error(value: Any) -> None:
+    """Issue 12: a lone surrogate anywhere (value, key, tuple item) used to escape as
+    UnicodeEncodeError; it is an UncacheableValueError naming where it sits, for payloads
+    and for key arguments alike."""
+    codec = Codec()
+    for encode in (codec.encode, lambda v: codec.canonical((v,))):
+        with pytest.raises(UncacheableValueError) as info:
+            encode(value)
+        assert info.value.path.startswith("value")
+        assert "UTF-8 cannot encode" in str(info.value)
+
+
+def test_bad_text_names_its_path() -> None:
+    codec = Codec()
+    cases: list[tuple[Any, str]] = [
+        ("\ud800", "value"),
+        ({"a": [1, "x\udfff"]}, "value['a'][1]"),
+        ({"\ud800": 1}, "value['\\ud800']"),
+        ([(1, "\ud800")], "value[0][1]"),
+        (Colour.RED, None),  # fine: a control
+    ]
+    for value, path in cases:
+        if path is None:
+            codec.encode(value)
+            continue
+        with pytest.raises(UncacheableValueError) as info:
+            codec.encode(value)
+        assert info.value.path == path
+    with pytest.raises(UncacheableValueError) as info:
+        codec.canonical(("ok", "\ud800"))  # the scalar short form
+    assert info.value.path == "value[1]"
+
+
+def test_bad_text_in_an_instance_names_the_attribute() -> None:
+    """The text can also sit in a mapped instance's column (a pending object here)."""
+    account = Account(id=9, name="bad\ud800")
+    with pytest.raises(UncacheableValueError) as info:
+        Codec().encode([account])
+    assert info.value.path == "value[0].name"
+
+
+def test_nesting_beyond_the_format_is_uncacheable() -> None:
+    """Issue 12: results nested about 600 deep used to escape as RecursionError. Up to
+    MAX_DEPTH levels (a tuple, set, ... counting EXT_LEVEL) round-trip; deeper is an
+    UncacheableValueError naming the path, for payloads and key arguments."""
+    from ormcache.codec.wire import EXT_LEVEL, MAX_DEPTH, MAX_EXT_DEPTH
+
+    codec = Codec()
+    zoned = dt.datetime(2024, 3, 31, 2, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Berlin"))
+    fine = [
+        nested(MAX_DEPTH),
+        nested(MAX_DEPTH, wrap=lambda v: {"k": v}),
+        nested(MAX_EXT_DEPTH, zoned, wrap=lambda v: (v,)),
+        nested(MAX_EXT_DEPTH, 1, wrap=lambda v: frozenset([v])),
+        nested(MAX_DEPTH - 8 * EXT_LEVEL, nested(8, wrap=lambda v: (v,))),
+    ]
+    for value in fine:
+        assert same(codec.decode(codec.encode(value)), value)
+        codec.canonical((value,))  # the arguments' own tuple does not count
+    too_deep = [
+        nested(MAX_DEPTH + 1),
+        nested(600),
+        nested(600, wrap=lambda v: {"k": v}),
+        nested(MAX_EXT_DEPTH + 1, wrap=lambda v: (v,)),
+        nested(MAX_EXT_DEPTH + 1, wrap=lambda v: frozenset([v])),
+        nested(5000, wrap=lambda v: (v,)),
+        nested(MAX_DEPTH - 8 * EXT_LEVEL + 1, nested(8, wrap=lambda v: (v,))),
+    ]
+    for value in too_deep:
+        for encode, prefix in ((codec.encode, "value"), (codec.canonical, "value[0]")):
+            with pytest.raises(UncacheableValueError) as info:
+                encode((value,) if encode == codec.canonical else value)
+            assert info.value.path.startswith(prefix)
+            assert "nests deeper" in str(info.value)
+
+
+def test_a_deep_caller_stack_is_uncacheable_not_a_recursion_error() -> None:
+    """Nesting within the format's bounds can still meet Python's recursion limit when
+    the caller's own stack is deep: that too is an UncacheableValueError."""
+    import sys
+
+    codec = Codec()
+    value = nested(100)
+    limit = sys.getrecursionlimit()
+    frames = len(inspect_stack())
+    sys.setrecursionlimit(frames + 80)
+    try:
+        for encode in (codec.encode, lambda v: codec.canonical((v,))):
+            with pytest.raises(UncacheableValueError):
+                encode(value)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def inspect_stack() -> list[Any]:
+    import inspect as pyinspect
+
+    return pyinspect.stack(context=0)
+
+
+def test_deeply_nested_extensions_are_a_miss_not_a_crash() -> None:
+    """Issue 12: every extension level ran msgpack's unpacker again, with about 40 KiB
+    of C stack each, so about 200 nested tuples (or sets, rows, enums, ...) in a payload
+    crashed the process with a segmentation fault. Now deeper than the format allows is
+    a CorruptPayloadError. Run in a child process, so a crash fails this test only."""
+    import subprocess
+    import sys
+
+    script = """
+import msgpack
+from ormcache.codec import Codec
+from ormcache.errors import CorruptPayloadError
+
+codes = [1, 2, 3, 5, 7, 8, 11, 12, 14]
+for depth in (200, 5000):
+    for mix in [[c] for c in codes] + [codes]:
+        data = msgpack.packb([1])
+        for i in range(depth):
+            data = msgpack.packb([msgpack.ExtType(mix[i % len(mix)], data)])
+        payload = b"OC\\x01\\x00" + msgpack.packb([[], [], msgpack.ExtType(mix[0], data)])
+        try:
+            Codec().decode(payload)
+        except CorruptPayloadError:
+            pass
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr[-2000:]
+
+
+def _account_payload(codec: Codec) -> tuple[list[Any], list[Any], Any]:
+    account = Account(
+        id=1,
+        name="a",
+        created_at=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+        balance=decimal.Decimal("1.00"),
+        ident=uuid.UUID(int=1),
+        colour=Colour.RED,
+        data={"k": 1},
+        blob=b"",
+        period=dt.timedelta(0),
+    )
+    inspect(account).key = (Account, (1,), None)  # as if loaded
+    payload = codec.encode(account)
+    parts = msgpack.unpackb(payload[4:], raw=False, strict_map_key=False, ext_hook=msgpack.ExtType)
+    return parts[0], parts[1], parts[2]
+
+
+def test_deep_nesting_around_instances_is_a_miss_by_design() -> None:
+    """A payload with instances is walked again on every hit: nesting deeper than an
+    encoder writes, in the value or in a column, is refused when it is parsed, not met
+    as a RecursionError while building a hit."""
+    codec = Codec()
+    mappers, instances, root = _account_payload(codec)
+    data_at = Account.__mapper__.column_attrs.keys().index("data")
+    deep_column = [list(i) for i in instances]
+    deep_column[0][2] = list(deep_column[0][2])
+    deep_column[0][2][data_at] = nested(1000)
+    for body in ([mappers, instances, [root, nested(1000)]], [mappers, deep_column, root]):
+        with pytest.raises(CorruptPayloadError) as info:
+            codec.decode(MAGIC_HEADER + msgpack.packb(body, use_bin_type=True))
+        assert not isinstance(info.value.__cause__, RecursionError)
+
+
+def test_an_instance_reference_inside_a_column_is_a_miss() -> None:
+    """A column value never holds an instance: a forged reference there must not reach
+    the caller as a placeholder object (payload large enough not to be memoized)."""
+    codec = Codec()
+    mappers, instances, root = _account_payload(codec)
+    data_at = Account.__mapper__.column_attrs.keys().index("data")
+    forged = [list(i) for i in instances]
+    forged[0][2] = list(forged[0][2])
+    forged[0][2][data_at] = [msgpack.ExtType(13, (0).to_bytes(4, "big"))]
+    body = [mappers, forged, [root, b"x" * 20_000]]
+    with pytest.raises(CorruptPayloadError):
+        codec.decode(MAGIC_HEADER + msgpack.packb(body, use_bin_type=True))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xdd\xff\xff\xff\xff",  # array of 4 Gi items
+        b"\xdf\xff\xff\xff\xff",  # map of 4 Gi pairs
+        b"\xdb\xff\xff\xff\xff",  # str of 4 GiB
+        b"\xc6\xff\xff\xff\xff",  # bin of 4 GiB
+        b"\xc9\xff\xff\xff\xff\x01",  # ext of 4 GiB
+        b"\x93\x90\x90\xc7\x05\x01\xdd\xff\xff\xff\xff",  # a tuple claiming 4 Gi items
+        b"\x93\x90\x90\xc7\x05\x04\xff\xff\xff\xff\xff",  # a bigint of its own size only
+        b"\x93\x90\x90" + b"\xc7\x0b\x09" + b"1E999999999",  # a decimal with a vast exponent
+    ],
+)
+def test_huge_declared_sizes_are_a_miss_or_small(body: bytes) -> None:
+    """Sizes in a payload are claims: nothing is allocated beyond the payload's own
+    size, and what does not fit is a miss."""
+    try:
+        value = Codec().decode(MAGIC_HEADER + body)
+    except CorruptPayloadError:
+        return
+    assert len(repr(value)) < 100
+
+
+ext_codes = st.integers(min_value=0, max_value=17)
+msgpack_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.floats(),
+        st.text(max_size=8),
+        st.binary(max_size=8),
+        st.builds(msgpack.ExtType, ext_codes, st.binary(max_size=16)),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.one_of(st.text(max_size=4), st.integers(-(2**63), 2**63 - 1)), children, max_size=3
+        ),
+        st.builds(
+            lambda code, obj: msgpack.ExtType(code, msgpack.packb(obj, use_bin_type=True)),
+            ext_codes,
+            children,
+        ),
+    ),
+    max_leaves=12,
+)
+
+
+@FAST
+@given(st.booleans(), st.lists(msgpack_values, max_size=3), msgpack_values)
+def test_wrong_types_anywhere_in_a_body_are_only_a_miss(
+    real_mapper: bool, instances: list[Any], root: Any
+) -> None:
+    """Any msgpack structure in the body's slots, extensions included (right codes,
+    wrong contents), decodes or is a CorruptPayloadError, whatever it names."""
+    codec = Codec()
+    info = codec.mapper_info(inspect(Account))
+    mappers = [[info.key, info.fingerprint]] if real_mapper else []
+    body = msgpack.packb([mappers, instances, root], use_bin_type=True)
+    with contextlib.suppress(CorruptPayloadError):
+        codec.decode(MAGIC_HEADER + body)

@@ -14,6 +14,7 @@ import ormcache
 # Written out, not derived from __all__: this is what the test pins.
 PUBLIC = {
     "Backend",
+    "BackendError",
     "Cache",
     "ConfigurationError",
     "FromCache",

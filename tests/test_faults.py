@@ -495,3 +495,72 @@ def test_interrupted_release_is_owed(sqlite_engine: Any) -> None:
     assert name_of(keys[0]) == "renamed"
     assert not cache._core.guard.owed_tags()
     assert calls["n"] == 2  # the release was paid too
+
+
+def test_a_caller_can_know_that_an_invalidation_failed(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Issue 10 §6: with Redis down, ``invalidate()`` and ``clear()`` only logged, so a
+    migration script could not fail loudly. They return whether the bump was delivered,
+    and ``raise_on_error=True`` raises BackendError saying the bump is owed."""
+    from ormcache import BackendError, OrmCacheError
+
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session, n=1)
+    cache = Cache(
+        private_redis.url, namespace="owed", socket_timeout=TIMEOUT, breaker_cooldown=0.05
+    )
+    assert cache.invalidate(User) is True
+    assert cache.clear() is True
+    private_redis.kill()
+    assert cache.invalidate(User) is False
+    with pytest.raises(BackendError, match="owed") as raised:
+        cache.invalidate(User, raise_on_error=True)
+    assert isinstance(raised.value, OrmCacheError)
+    message = str(raised.value)
+    assert "invalidate(User)" in message
+    assert "before this process serves another hit" in message
+    assert f"127.0.0.1:{private_redis.port}" in message
+    assert cache.clear() is False
+    with pytest.raises(BackendError, match=r"clear\(\) did not reach"):
+        cache.clear(raise_on_error=True)
+    private_redis.start()  # the same port, empty
+    time.sleep(0.1)  # the breaker's cooldown
+    assert cache.invalidate(User, raise_on_error=True) is True
+    assert cache.clear(raise_on_error=True) is True
+    cache.close()
+
+
+def test_a_failed_entry_delete_is_owed_not_forgotten(tmp_path: Any) -> None:
+    """``fn.invalidate(x)`` during an outage returned nothing and forgot the delete: once
+    Redis came back with its data, this process served the entry it had been told to
+    drop."""
+    server = PrivateRedis(str(tmp_path), "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    cache = Cache(
+        server.url,
+        namespace="owed-delete",
+        socket_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        breaker_cooldown=0.05,
+    )
+    version = {"n": 1}
+
+    @cache.memoize
+    def config(name: str) -> str:
+        return f"{name}-v{version['n']}"
+
+    try:
+        assert config("a") == config("a") == "a-v1"
+        assert cache.stats().hits == 1
+        server.kill()
+        version["n"] = 2
+        assert config.invalidate("a") is False
+        server.start()  # the same port and data directory: the entry is back
+        time.sleep(0.1)  # the breaker's cooldown
+        # The first call may find a dropped connection; neither may serve the old entry.
+        assert [config("a") for _ in range(3)] == ["a-v2"] * 3
+        assert config.invalidate("a") is True
+    finally:
+        cache.close()
+        server.kill()

@@ -171,3 +171,165 @@ def test_custom_types_survive_init_app() -> None:
 
     assert price().cents == price().cents == 250
     assert cache.stats().hits == 1
+
+
+def test_a_second_app_with_other_settings_is_refused(namespace: str) -> None:
+    """Issue 10 §5: ``init_app`` on one Cache shared by two apps reconfigured it, so the
+    last app's settings applied to both and the counters reset. A second app must ask
+    for the same settings; different ones are refused, and the first app keeps its own."""
+    first, second = Flask("first"), Flask("second")
+    first.config.update(ORMCACHE_NAMESPACE=namespace, ORMCACHE_DEFAULT_TTL=30)
+    second.config.update(
+        ORMCACHE_NAMESPACE=f"{namespace}-b", ORMCACHE_DEFAULT_TTL=30, ORMCACHE_SECRET="s3cr3t"
+    )
+    cache = Cache()
+    cache.init_app(first)
+
+    @cache.memoize
+    def f(x: int) -> int:
+        return x
+
+    assert f(1) == f(1) == 1
+    backend = cache.backend
+    with pytest.raises(ConfigurationError, match="own Cache") as raised:
+        cache.init_app(second)
+    message = str(raised.value)
+    assert "'first'" in message
+    assert "'second'" in message
+    assert f"namespace '{namespace}' -> '{namespace}-b'" in message
+    assert "secret" in message
+    assert "s3cr3t" not in message
+    assert "ormcache" not in second.extensions
+    assert cache.namespace == namespace
+    assert cache.backend is backend
+    assert cache.stats().hits == 1
+    cache.close()
+
+
+def test_apps_with_the_same_settings_share_one_cache(namespace: str) -> None:
+    """An application factory called once per test, with the same config, reuses the
+    Cache as it is: same backend, counters kept. The same app may change its settings."""
+
+    def create_app() -> Flask:
+        app = Flask("factory")
+        app.config.update(ORMCACHE_NAMESPACE=namespace, ORMCACHE_DEFAULT_TTL="30")
+        return app
+
+    cache = Cache()
+    app1 = create_app()
+    cache.init_app(app1)
+
+    @cache.memoize
+    def f(x: int) -> int:
+        return x
+
+    assert f(1) == f(1) == 1
+    backend = cache.backend
+    app2 = create_app()
+    cache.init_app(app2)
+    assert app2.extensions["ormcache"] is cache
+    assert cache.backend is backend
+    assert cache.stats().hits == 1
+    assert f(1) == 1
+    assert cache.stats().hits == 2
+    app2.config["ORMCACHE_DEFAULT_TTL"] = 10
+    cache.init_app(app2)
+    assert cache.default_ttl == 10
+    cache.close()
+
+
+def test_flask_caching_config_left_behind_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 10 §6: an app migrated from flask-caching kept ``CACHE_REDIS_URL`` and no
+    ``ORMCACHE_URL``; ormcache quietly used per-process memory, and under two gunicorn
+    workers a revoked key alternated 401 and 200."""
+    app = Flask("migrated")
+    app.config.update(CACHE_TYPE="RedisCache", CACHE_REDIS_URL="redis://:hunter2@cache:6379/0")
+    with (
+        caplog.at_level(logging.WARNING, logger="ormcache"),
+        pytest.warns(UserWarning, match="ORMCACHE_URL"),
+    ):
+        Cache().init_app(app)
+    logged = [r.getMessage() for r in caplog.records if r.name == "ormcache"]
+    assert len(logged) == 1
+    assert "CACHE_REDIS_URL, CACHE_TYPE" in logged[0]
+    assert "per-process memory" in logged[0]
+    assert "hunter2" not in logged[0]
+
+
+def test_no_warning_when_the_cache_is_shared(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    for config, cache in [
+        ({"ORMCACHE_URL": redis_url, "ORMCACHE_NAMESPACE": namespace}, Cache()),
+        ({}, Cache(redis_url, namespace=namespace)),
+    ]:
+        app = Flask("migrated")
+        app.config.update(CACHE_TYPE="RedisCache", CACHE_REDIS_URL=redis_url, **config)
+        with caplog.at_level(logging.WARNING, logger="ormcache"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cache.init_app(app)
+        assert not caplog.records
+        cache.close()
+
+
+_FORK_SCRIPT = """
+import logging, os, sys
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from ormcache import Cache
+
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="LOG %(message)s")
+url, attach = sys.argv[1], sys.argv[2] == "attach"
+cache = Cache(url, namespace=sys.argv[3])
+if attach:
+    cache.attach(sessionmaker(create_engine("sqlite://")))
+for _ in range(2):  # two workers
+    pid = os.fork()
+    if pid == 0:
+        sys.stderr.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("url", "attach", "warned"),
+    [("memory://", "attach", True), ("memory://", "no", False), ("redis", "attach", False)],
+)
+def test_memory_cache_in_a_forked_worker_is_warned_about(
+    url: str,
+    attach: str,
+    warned: bool,
+    namespace: str,
+    tmp_path: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A memory:// cache attached in a master that forks workers (gunicorn --preload)
+    is one copy per worker: each worker says so, once, naming redis://."""
+    import subprocess
+    import sys
+
+    if url == "redis":
+        url = request.getfixturevalue("redis_url")
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), url, attach, namespace],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    logged = [line for line in out.stderr.splitlines() if line.startswith("LOG ")]
+    if warned:
+        assert len(logged) == 2, out.stderr  # one per worker
+        assert "forked worker" in logged[0]
+        assert "per process" in logged[0]
+        assert "redis://" in logged[0]
+        assert out.stderr.count("RuntimeWarning") == 2
+    else:
+        assert logged == [], out.stderr

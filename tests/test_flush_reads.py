@@ -79,3 +79,33 @@ def test_delete_of_a_cached_instance_lazy_loads_inside_the_flush(
         assert s.execute(select(shares)).all() == []
         # and a cached read after the commit does not serve the deleted bill
         assert s.scalars(stmt).one_or_none() is None
+
+
+def test_a_cached_read_inside_a_flush_stores_nothing_uncommitted(
+    session_factory: sessionmaker,  # type: ignore[type-arg]
+) -> None:
+    """A FromCache read made by a mapper hook while the flush runs sees rows that flush
+    wrote; it is neither stored nor served, so a rollback leaves nothing uncommitted in
+    the cache and the next read sees the database."""
+    from sqlalchemy import event, func
+    from sqlalchemy.orm import object_session
+
+    count = select(func.count()).select_from(Person).options(FromCache(ttl=60))
+    seen: list[int] = []
+
+    def after_insert(mapper: object, connection: object, target: Person) -> None:
+        session = object_session(target)
+        assert session is not None
+        seen.append(session.scalars(count).one())
+
+    event.listen(Person, "after_insert", after_insert)
+    try:
+        with session_factory() as s:
+            s.add(Bill(id=3, what="hotel", owers=[Person(name="cy")]))
+            s.flush()
+            s.rollback()
+    finally:
+        event.remove(Person, "after_insert", after_insert)
+    assert seen == [3]  # the hook saw the uncommitted person
+    with session_factory() as s:
+        assert s.scalars(count).one() == 2

@@ -26,6 +26,7 @@ def test_hit_returns_detached_snapshot_with_loaded_attributes(
     from sqlalchemy.orm import selectinload
 
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     keys = seed(Session_)
 
     @cache.memoize
@@ -82,6 +83,7 @@ def test_sessions_in_arguments_are_ignored_and_ignore_is_validated(
 ) -> None:
     """A session argument says where to read, not what: it does not split the cache."""
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     seed(Session_)
 
     @cache.memoize
@@ -200,6 +202,63 @@ def test_uncacheable_argument_and_value(cache_url: str, namespace: str) -> None:
             assert isinstance(f(1)["inner"][0], Opaque)  # type: ignore[index]
             assert isinstance(f(Opaque())["inner"][0], Opaque)  # type: ignore[index]
             assert c.stats().uncacheable == 2
+        c.clear()
+        c.close()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_values_the_codec_cannot_pack_take_the_uncacheable_path(
+    cache_url: str, namespace: str, strict: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: a lone surrogate (as an argument or inside a result) and a result nested
+    600 deep escaped as UnicodeEncodeError / RecursionError, even with strict=False.
+    Strict mode raises UncacheableValueError naming the path; otherwise each call is
+    served uncached, counted, and logged once per function."""
+    c = Cache(cache_url, namespace=namespace, strict=strict)
+    calls: list[str] = []
+
+    @c.memoize
+    def echo(x: str) -> str:
+        calls.append("echo")
+        return x.upper()
+
+    @c.memoize
+    def profile() -> dict[str, str]:
+        calls.append("profile")
+        return {"name": "bad\ud800"}
+
+    @c.memoize
+    def tree(depth: int) -> list[Any]:
+        calls.append("tree")
+        value: list[Any] = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    cases: list[tuple[Any, str]] = [
+        (lambda: echo("\ud800"), "value[0]"),
+        (profile, "value['name']"),
+        (lambda: tree(600), "value[0][0]"),
+    ]
+    try:
+        for call, path in cases:
+            if strict:
+                with pytest.raises(UncacheableValueError) as info:
+                    call()
+                assert info.value.path.startswith(path)
+            else:
+                with caplog.at_level(logging.WARNING, logger="ormcache"):
+                    first, second = call(), call()
+                assert first == second
+        if not strict:
+            assert calls == ["echo", "echo", "profile", "profile", "tree", "tree"]
+            assert c.stats().uncacheable == 6
+            warned = [r for r in caplog.records if "cannot be cached" in r.getMessage()]
+            assert len(warned) == 3  # once per function
+            assert tree(3) == [[[[]]]]  # a shallow value is still cached
+            assert tree(3) == [[[[]]]]
+            assert calls.count("tree") == 3
+    finally:
         c.clear()
         c.close()
 
@@ -329,6 +388,7 @@ def test_memoized_function_logs_no_secrets(cache: Cache, caplog: pytest.LogCaptu
 def test_address_model_is_cacheable(cache: Cache, sqlite_engine: Any) -> None:
     """Many-to-one back to the parent round-trips with shared identity."""
     Session_ = sessionmaker(sqlite_engine)
+    cache.attach(Session_)
     seed(Session_)
 
     @cache.memoize

@@ -33,6 +33,7 @@ def fresh_row(Session: Any, api_key: str) -> dict[str, Any]:
 def test_seed_pattern_raises_a_clear_error_in_strict_mode(cache: Cache, sqlite_engine: Any) -> None:
     """The exact seed: ``return user.__dict__`` with the user collected before storing."""
     Session = sessionmaker(sqlite_engine)
+    cache.attach(Session)
     keys = seed(Session)
 
     @cache.memoize(ttl=60)
@@ -61,6 +62,7 @@ def test_seed_pattern_is_served_uncached_outside_strict_mode(
     """Non-strict: the call still answers (no 5xx), uncached, and the problem is logged once."""
     cache = Cache(cache_url, namespace=namespace, strict=False)
     Session = sessionmaker(sqlite_engine)
+    cache.attach(Session)
     keys = seed(Session)
 
     @cache.memoize(ttl=60)
@@ -94,6 +96,7 @@ def test_fixed_patterns_hit_equals_miss_with_zero_sql(
     """Returning the object, a list of objects, a Row or ``as_dict(obj)`` caches correctly:
     the hit equals a fresh database read and runs no SQL."""
     Session = sessionmaker(sqlite_engine)
+    cache.attach(Session)
     keys = seed(Session)
     counter = SQLCounter(sqlite_engine)
 
@@ -160,6 +163,7 @@ def test_planted_pickle_payload_is_a_miss_and_never_runs(
 
     cache = Cache(redis_url, namespace=namespace, strict=True)
     Session = sessionmaker(sqlite_engine)
+    cache.attach(Session)
     keys = seed(Session)
 
     @cache.memoize(ttl=60)

@@ -243,3 +243,95 @@ def test_core_on_an_autocommit_connection_is_seen(world: dict[str, Any]) -> None
         conn.exec_driver_sql("UPDATE oc_users SET name = 'auto2' WHERE id = 1")
         assert_cache_agrees(world)
     assert truth(world) == "auto2"
+
+
+# -- values the call did not read from the database --------------------------------------
+def test_memoize_over_the_identity_map_is_not_stored(world: dict[str, Any]) -> None:
+    """``scoped.get(User, 1).name`` with the user already in the session: no query runs,
+    so nothing ties the value to a generation; it must not outlive a commit."""
+    cache: Cache = world["cache"]
+    scoped = scoped_session(world["Session"])
+    cache.attach(scoped)
+
+    @cache.memoize(ttl=60)
+    def name_of(user_id: int) -> str:
+        user = scoped.get(User, user_id)
+        assert user is not None
+        return user.name
+
+    @cache.memoize(ttl=60)
+    def name_in(session: Session, user_id: int) -> str:
+        user = session.get(User, user_id)
+        assert user is not None
+        return user.name
+
+    try:
+        scoped.get(User, 1)  # loaded before the calls
+        assert name_of(1) == "user0"
+        with world["Session"]() as mine:
+            mine.get(User, 1)
+            assert name_in(mine, 1) == "user0"
+        commit_rename(world, "renamed")
+        scoped.remove()
+        assert name_of(1) == "renamed"
+        with world["Session"]() as mine:
+            assert name_in(mine, 1) == "renamed"
+    finally:
+        scoped.remove()
+
+
+def test_fromcache_never_stores_unrefreshed_identity_map_rows(world: dict[str, Any]) -> None:
+    """A query returns the identity-map instance without refreshing it: its attributes
+    are as old as the earlier load, not as the generations read now."""
+    Session = world["Session"]
+    with Session() as s:
+        s.get(User, 1)  # loaded with the old name
+        commit_rename(world, "newer")
+        s.scalars(select(User).where(User.id == 1).options(FromCache(ttl=60))).one()
+    assert_cache_agrees(world)
+
+
+def test_unattached_reads_are_not_cached_and_say_so(
+    world: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    cache: Cache = world["cache"]
+    other = sessionmaker(create_engine(world["engine"].url))  # never attached
+
+    @cache.memoize(ttl=60)
+    def name_of(user_id: int) -> str:
+        with other() as s:
+            return str(s.scalars(select(User.name).where(User.id == user_id)).one())
+
+    with caplog.at_level("WARNING", logger="ormcache"):
+        assert name_of(1) == "user0"
+    assert "cache.attach()" in caplog.text
+    with other() as s:
+        s.execute(update(User).where(User.id == 1).values(name="unseen"))
+        s.commit()
+    assert name_of(1) == "unseen"
+    with caplog.at_level("WARNING", logger="ormcache"), other() as s:
+        caplog.clear()
+        s.execute(select(User).where(User.id == 2).options(FromCache())).all()
+        s.execute(select(User).where(User.id == 2).options(FromCache())).all()
+    assert "FromCache on a session no cache is attached to" in caplog.text or (
+        "cache.attach()" in caplog.text
+    )
+    other.kw["bind"].dispose()
+
+
+def test_deleting_an_object_loaded_by_fromcache_never_flushes_inside_a_flush(
+    world: dict[str, Any],
+) -> None:
+    """The delete cascade lazy-loads the user's addresses inside the flush; FromCache
+    must not reach that load (it would flush inside a flush)."""
+    Session = world["Session"]
+    stmt = select(User).where(User.id == 1).options(FromCache(ttl=60))
+    for _ in range(2):  # a miss, then a hit
+        with Session() as s:
+            s.scalars(stmt).one()
+    with Session() as s:
+        user = s.scalars(stmt).one()
+        s.delete(user)
+        s.commit()
+    with world["oracle"].connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM oc_users WHERE id = 1")).scalar() == 0

@@ -8,13 +8,14 @@ suite; ``ormcache.backends`` holds the backends).
 from .backends.base import Backend, Snapshot
 from .cache import Cache
 from .codec import as_dict
-from .errors import ConfigurationError, OrmCacheError, UncacheableValueError
+from .errors import BackendError, ConfigurationError, OrmCacheError, UncacheableValueError
 from .memoize import Memoized
 from .sqla.fromcache import FromCache
 from .stats import StatsSnapshot
 
 __all__ = [
     "Backend",
+    "BackendError",
     "Cache",
     "ConfigurationError",
     "FromCache",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -9,10 +10,12 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from sqlalchemy.orm import Session, scoped_session
 
 from .backends import Backend
+from .backends.base import redact_url
 from .codec import Adopter
 from .core import Core, Settings
-from .errors import ConfigurationError
-from .memoize import AsyncMemoized, Memoized, MergeTarget
+from .errors import BackendError, ConfigurationError
+from .identity import Registry, identify
+from .memoize import AsyncMemoized, Memoized, MemoizedClassMethod, MergeTarget
 from .protocol import NAMESPACE_TAG
 from .readpath import ReadPath
 from .stats import StatsSnapshot
@@ -99,10 +102,17 @@ class Cache:
         )
         self._core = Core(settings)
         self._core.owner = self
+        from .sqla.tracking import install_global_listeners
+
+        install_global_listeners()
         self._reads = ReadPath(self._core)
         self._memoized: list[Memoized[Any, Any]] = []
         self._wiring: Any = None  # ormcache.sqla.tracking.Wiring, made on first attach()
+        self._prefixes = Registry()
         self._attached_scoped: scoped_session[Any] | None = None
+        #: (the application init_app configured us for, the settings before it, the
+        #: settings it applied): a second application must ask for the same.
+        self._flask: tuple[weakref.ref[Flask], Settings, Settings] | None = None
 
     # -- settings ---------------------------------------------------------------------
     @property
@@ -138,7 +148,13 @@ class Cache:
         current values. Counters, registered types and invalidations not yet delivered
         to the old backend are kept.
         """
-        self._core.configure(self._core.settings.changed(**changes))
+        self._reconfigure(self._core.settings.changed(**changes))
+        if self._flask is not None:
+            app, base, _ = self._flask
+            self._flask = (app, base, self._core.settings)
+
+    def _reconfigure(self, settings: Settings) -> None:
+        self._core.configure(settings)
         for memoized in self._memoized:
             memoized.rebind()
 
@@ -175,6 +191,8 @@ class Cache:
         merge: MergeTarget = ...,
         ignore: Collection[str] = ...,
         version: str | int | None = ...,
+        allow_time: bool = ...,
+        name: str | None = ...,
     ) -> Callable[[Callable[P, R]], Memoized[P, R]]: ...
 
     def memoize(
@@ -191,6 +209,8 @@ class Cache:
         merge: MergeTarget = False,
         ignore: Collection[str] = (),
         version: str | int | None = None,
+        allow_time: bool = False,
+        name: str | None = None,
     ) -> Memoized[P, R] | Callable[[Callable[P, R]], Memoized[P, R]]:
         """Cache ``fn``'s results per arguments.
 
@@ -206,6 +226,23 @@ class Cache:
         ``merge`` merges hits into a session, so they behave as instances loaded there.
         ``ignore`` lists parameters that do not affect the result; sessions and
         connections are always ignored. Bump ``version`` when the return shape changes.
+        ``allow_time`` lets the function's queries call time functions (``now()``): a
+        result up to ``ttl`` seconds old is then acceptable. Locking reads and other
+        non-deterministic functions still make a result unstorable.
+
+        Entries are keyed by the function's module and qualified name, which every
+        process agrees on (see :mod:`ormcache.identity`). ``name`` replaces the qualified
+        name: lambdas and callable objects need one, and so do functions that one factory
+        makes with different values closed over, when those values cannot be described
+        the same way in every process; a second, different function under a name this
+        cache already gave out raises :class:`~ormcache.ConfigurationError` here, at
+        decoration. The same function decorated again (an application factory run twice)
+        shares its entries.
+
+        Methods: memoized in a class body, ``obj.method(x)`` is keyed by ``obj`` too, so
+        ``self`` must be keyable (an ORM instance is keyed by its identity) or listed in
+        ``ignore=("self",)``; ``cls`` is keyed by the class's qualified name. Put
+        ``@cache.memoize`` above or below ``@classmethod`` and ``@staticmethod``.
         """
         if ttl is not None and timeout is not None and ttl != timeout:
             raise ConfigurationError(
@@ -217,12 +254,17 @@ class Cache:
             raise ConfigurationError(f"memoize ttl must be positive seconds, got {chosen!r}")
 
         def decorate(func: Callable[P, R]) -> Memoized[P, R]:
+            wrapper: Any = None
+            if isinstance(func, (classmethod, staticmethod)):
+                wrapper, func = type(func), func.__func__
+            identity = identify(func, name=name, version=version)
             kind = AsyncMemoized if iscoroutinefunction(func) else Memoized
             memoized = kind(
                 self._core,
                 self._reads,
                 self._adopter,
                 func,
+                identity,
                 ttl=chosen if chosen is not None else self._core.default_ttl,
                 negative_ttl=negative_ttl,
                 stale_ttl=stale_ttl,
@@ -230,41 +272,63 @@ class Cache:
                 strict=self._core.strict if strict is None else strict,
                 merge=merge,
                 ignore=ignore,
-                version=version,
+                allow_time=allow_time,
             )
+            self._prefixes.claim(identity)
             self._memoized.append(memoized)
+            if wrapper is classmethod:
+                return MemoizedClassMethod(memoized)  # type: ignore[return-value]
+            if wrapper is staticmethod:
+                return staticmethod(memoized)  # type: ignore[return-value]
             return memoized
 
         return decorate(fn) if fn is not None else decorate
 
-    def delete_memoized(self, fn: Memoized[..., Any], *args: Any, **kwargs: Any) -> None:
+    def delete_memoized(self, fn: Memoized[..., Any], *args: Any, **kwargs: Any) -> bool:
         """flask-caching's spelling of ``fn.invalidate(*args, **kwargs)``."""
         if not isinstance(fn, Memoized):
             raise ConfigurationError(
                 f"delete_memoized() needs a function decorated with this cache's memoize, "
                 f"got {fn!r}"
             )
-        fn.invalidate(*args, **kwargs)
+        return fn.invalidate(*args, **kwargs)
 
     # -- invalidation -----------------------------------------------------------------
-    def invalidate(self, *targets: object) -> None:
+    def invalidate(self, *targets: object, raise_on_error: bool = False) -> bool:
         """Invalidate everything that read a model's tables, a row, or a ``Table``.
 
         ``cache.invalidate(User)`` bumps the table; ``cache.invalidate(user)`` bumps that
         row and the equality partitions it belongs to. Use it after writes ormcache cannot
         see (another application, a stored procedure).
+
+        Returns True if the invalidation reached the backend now. If it did not (the
+        backend is down), it is owed: this process serves no hits until it is delivered,
+        but other processes may serve the old entries until their TTL. A script that must
+        not go on in that case (a migration) passes ``raise_on_error=True`` and gets
+        :class:`~ormcache.BackendError` instead of False.
         """
         from .sqla.tags import tags_for_target
 
         bump: set[str] = set()
         for target in targets:
             bump.update(tags_for_target(target, self._core.codec.hash_salt))
-        self._core.guard.bump(sorted(bump))
+        delivered = self._core.guard.bump(sorted(bump))
+        if not delivered and raise_on_error:
+            what = ", ".join(map(_describe_target, targets))
+            raise BackendError(_undelivered(f"invalidate({what})", self.url))
+        return delivered
 
-    def clear(self) -> None:
-        """Drop every entry in this namespace (other namespaces are untouched)."""
-        self._core.guard.clear()
-        self._core.guard.bump([NAMESPACE_TAG])
+    def clear(self, *, raise_on_error: bool = False) -> bool:
+        """Drop every entry in this namespace (other namespaces are untouched).
+
+        Returns True if the backend was cleared now; ``raise_on_error=True`` raises
+        :class:`~ormcache.BackendError` instead of returning False (see ``invalidate``).
+        """
+        swept = self._core.guard.clear()
+        bumped = self._core.guard.bump([NAMESPACE_TAG])
+        if not (swept and bumped) and raise_on_error:
+            raise BackendError(_undelivered("clear()", self.url))
+        return swept and bumped
 
     def stats(self) -> StatsSnapshot:
         """Hits, misses, stores, invalidations, errors and more, since creation."""
@@ -289,6 +353,8 @@ class Cache:
             self._attached_scoped = target
         if self._wiring is None:
             self._wiring = Wiring(self._core, self._reads)
+            self._core.preloaded = self._wiring.preloaded
+            self._core.watching = self._wiring.watching
         self._wiring.attach(target)
         self._core.tracks_loads = True
 
@@ -315,7 +381,44 @@ class Cache:
 
     # -- Flask ------------------------------------------------------------------------
     def init_app(self, app: Flask) -> None:
-        """Configure from ``app.config["ORMCACHE_*"]`` and register in ``app.extensions``."""
-        from .flask import init_app
+        """Configure from ``app.config["ORMCACHE_*"]`` and register in ``app.extensions``.
 
-        init_app(self, app)
+        A ``Cache`` holds one configuration. Another application may share it only with
+        the same settings (re-initialising the same application may change them); one
+        that asks for different settings raises :class:`~ormcache.ConfigurationError`,
+        since applying them would reconfigure the cache under the first application.
+        """
+        import weakref
+
+        from .flask import config_options, settings_conflict, warn_flask_caching_leftovers
+
+        options = config_options(app)
+        if self._flask is None:
+            base = self._core.settings
+        else:
+            first, base, applied = self._flask
+            wanted = base.changed(**options)
+            if first() is not app and wanted != applied:
+                raise ConfigurationError(settings_conflict(first(), app, applied, wanted))
+        wanted = base.changed(**options)
+        if wanted != self._core.settings:
+            self._reconfigure(wanted)
+        self._flask = (weakref.ref(app), base, self._core.settings)
+        warn_flask_caching_leftovers(app, self.url)
+        app.extensions["ormcache"] = self
+
+
+def _describe_target(target: object) -> str:
+    if isinstance(target, type):
+        return target.__qualname__
+    name = getattr(target, "fullname", None)  # a Table
+    return name if isinstance(name, str) else f"a {type(target).__qualname__}"
+
+
+def _undelivered(call: str, url: str) -> str:
+    return (
+        f"cache.{call} did not reach the cache backend at {redact_url(url)}; the bump is "
+        "owed and will be delivered before this process serves another hit, but other "
+        "processes may serve the old entries until their TTL. Check that the backend is "
+        "running, then retry (or run `ormcache invalidate`)"
+    )

@@ -49,6 +49,41 @@ def _fail(what: str, exc: BackendError) -> None:
     raise click.ClickException(f"{what} failed: {exc}")
 
 
+def _check_tables(names: tuple[str, ...], database_url: str | None) -> None:
+    """Refuse table names the database does not have: a typo would otherwise "invalidate"
+    nothing, exit 0, and leave the entries it meant to drop in service."""
+    if not database_url:
+        raise click.UsageError(
+            "cannot check the table names: pass --database-url (or set "
+            "ORMCACHE_DATABASE_URL or DATABASE_URL) to check them against the database, "
+            "or --no-check to bump them unchecked"
+        )
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        engine = create_engine(database_url)
+    except (ArgumentError, ImportError) as exc:
+        raise click.UsageError(f"bad --database-url: {exc}") from exc
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        catalog = inspect(engine)
+        unknown = []
+        for name in names:
+            schema, _, table = name.rpartition(".")
+            if not catalog.has_table(table, schema=schema or None):
+                unknown.append(name)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"could not read the tables of {where}: {exc}") from exc
+    finally:
+        engine.dispose()
+    if unknown:
+        raise click.UsageError(
+            f"unknown table{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {where}; "
+            "nothing was invalidated. Check the names (schema.table for another schema)"
+        )
+
+
 def _build() -> Any:
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option(
@@ -95,12 +130,34 @@ def _build() -> Any:
     @cli.command()
     @click.argument("tables", nargs=-1)
     @click.option("--all", "everything", is_flag=True, help="everything in the namespace")
+    @click.option(
+        "--database-url",
+        envvar=["ORMCACHE_DATABASE_URL", "DATABASE_URL"],
+        metavar="URL",
+        help="the application's database (SQLAlchemy URL), to check that TABLES exist; "
+        "default: $ORMCACHE_DATABASE_URL, then $DATABASE_URL",
+    )
+    @click.option("--no-check", is_flag=True, help="bump TABLES without checking the names")
     @click.pass_context
-    def invalidate(ctx: Any, tables: tuple[str, ...], everything: bool) -> None:
+    def invalidate(
+        ctx: Any,
+        tables: tuple[str, ...],
+        everything: bool,
+        database_url: str | None,
+        no_check: bool,
+    ) -> None:
         """Invalidate what read TABLES (``schema.table`` for another schema), after
-        writes ormcache could not see. Entries stay in Redis but are never served."""
+        writes ormcache could not see. Entries stay in Redis but are never served.
+        Table names are checked against the database first (an unknown one fails)."""
         if not tables and not everything:
             raise click.UsageError("name the tables that changed, or pass --all")
+        backend = _backend(ctx)  # a bad or missing URL fails before the database is read
+        if tables and not no_check:
+            try:
+                _check_tables(tables, database_url)
+            except click.ClickException:
+                backend.close()
+                raise
         from sqlalchemy import MetaData, Table
 
         bump: set[str] = set()
@@ -110,7 +167,6 @@ def _build() -> Any:
             bump |= tags_for_target(Table(table, metadata, schema=schema or None))
         if everything:
             bump.add(NAMESPACE_TAG)
-        backend = _backend(ctx)
         try:
             backend.bump(sorted(bump))
         except BackendError as exc:

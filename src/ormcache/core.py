@@ -10,11 +10,16 @@ settings.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .backends import Backend, create_backend
+from .backends.memory import MemoryBackend
 from .breaker import CircuitBreaker
 from .codec import Codec
 from .errors import ConfigurationError
@@ -103,11 +108,40 @@ class Core:
         self.tracks_loads = False
         #: The ``Cache`` in front (``FromCache(cache=...)`` names it).
         self.owner: object = None
+        #: Set by ``attach()``: why a memoized call may use objects loaded before it.
+        self.preloaded: Callable[[Any], str | None] | None = None
+        #: Whether an engine's reads and writes are seen (set by ``attach()``; until
+        #: then, none are).
+        self.watching: Callable[[Any], bool] = lambda engine: False
         self.settings = settings
         self.codec = self._codec(settings, None)
         self.backend = self._backend(settings)
         self.guard = self._guard(settings, self.backend)
         self._apply(settings)
+        self._warned_fork = False
+        _live.add(self)
+
+    def forked(self) -> None:
+        """Called in a child process after ``fork()`` (a gunicorn or uWSGI worker made
+        from a master that imported the application).
+
+        A ``memory://`` cache is then one copy per worker: a commit in one worker bumps
+        only its own generations, and the others keep serving what it changed. Once
+        sessions are attached that is a silent stale read, so it is said once.
+        """
+        if self._warned_fork or not self.tracks_loads:
+            return
+        if not isinstance(self.backend, MemoryBackend):
+            return
+        self._warned_fork = True
+        message = (
+            "ormcache: a memory:// cache with attached sessions is running in a forked "
+            "worker process; memory:// entries are per process, so commits in other "
+            "workers cannot invalidate them and this worker may serve stale data. Use "
+            "redis:// (ORMCACHE_URL) when the application runs in several processes"
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _apply(self, settings: Settings) -> None:
         self.settings = settings
@@ -166,7 +200,22 @@ class Core:
                 len(owed),
             )
             guard.owe(owed)
+        if backend is old_backend:
+            guard.owe_deletes(old_guard.owed_deletes())
         self.codec, self.backend, self.guard = codec, backend, guard
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()
+
+
+# Every live Core, told when this process is a fork's child (one hook for all of them).
+_live: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for core in list(_live):
+        core.forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_after_fork)

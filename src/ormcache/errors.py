@@ -5,14 +5,17 @@
     OrmCacheError                 catch-all for anything ormcache raises on purpose
     ├── ConfigurationError        a bad URL, option or combination, found at construction
     ├── UncacheableValueError     strict mode: a value (or argument) the codec cannot store
-    └── BackendError              the cache backend failed (never escapes a cached call)
+    └── BackendError              the cache backend failed (never escapes a cached call;
+        │                         invalidate/clear raise it with raise_on_error=True)
         └── CorruptPayloadError   bytes that are not a payload we wrote: a miss, never a crash
 
-Only ``OrmCacheError`` and ``UncacheableValueError`` are part of the top-level API. A
-cached call never raises ``BackendError``: the cache degrades to calling through, and the
-error is counted in ``Cache.stats()``. It exists so the internals can say precisely what
-failed, and so backends can translate their driver's errors (``raise ... from exc``)
-instead of leaking them.
+``OrmCacheError``, ``ConfigurationError``, ``UncacheableValueError`` and ``BackendError``
+are part of the top-level API (``from ormcache import ...``). A cached call never raises
+``BackendError``: the cache degrades to calling through, and the error is counted in
+``Cache.stats()``. Only the administrative calls raise it, and only when asked to:
+``cache.invalidate(..., raise_on_error=True)`` and ``cache.clear(raise_on_error=True)``,
+for a script that must not go on when an invalidation was not delivered. Backends
+translate their driver's errors into it (``raise ... from exc``) instead of leaking them.
 """
 
 from __future__ import annotations

@@ -1,21 +1,32 @@
 """Flask integration: map a handful of ``ORMCACHE_*`` config keys onto ``Cache`` arguments.
 
-State lives in ``app.extensions["ormcache"]``, never on module globals or ``self.app``,
-so one ``Cache`` object can serve an application factory and its tests.
+``cache.init_app(app)`` registers the cache in ``app.extensions["ormcache"]`` (never on
+module globals or ``self.app``). A ``Cache`` holds one configuration: its backend,
+namespace and counters are shared by everything that uses it. So several applications
+may share one ``Cache`` only if their ``ORMCACHE_*`` settings agree (an application
+factory called once per test, with the same config, is fine); an application that asks
+for different settings gets a :class:`~ormcache.ConfigurationError` telling it to use a
+``Cache`` of its own, instead of silently reconfiguring the cache under the first one.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import redact_url
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .cache import Cache
+    from .core import Settings
 
-__all__ = ["CONFIG_KEYS", "init_app"]
+__all__ = ["CONFIG_KEYS", "config_options", "settings_conflict", "warn_flask_caching_leftovers"]
+
+logger = logging.getLogger("ormcache")
 
 #: config key -> (Cache argument, converter)
 CONFIG_KEYS: dict[str, tuple[str, Any]] = {
@@ -41,7 +52,8 @@ def _bool(key: str, value: object) -> bool:
     raise ConfigurationError(f"{key}={value!r} is not a boolean; use true or false")
 
 
-def init_app(cache: Cache, app: Flask) -> None:
+def config_options(app: Flask) -> dict[str, Any]:
+    """The ``Cache`` arguments that ``app.config``'s ``ORMCACHE_*`` keys set."""
     options: dict[str, Any] = {}
     for key, (arg, convert) in CONFIG_KEYS.items():
         if key not in app.config or app.config[key] is None:
@@ -59,6 +71,50 @@ def init_app(cache: Cache, app: Flask) -> None:
         raise ConfigurationError(
             f"unknown config keys {unknown}; ormcache reads {sorted(CONFIG_KEYS)}"
         )
-    if options:
-        cache.configure(**options)
-    app.extensions["ormcache"] = cache
+    return options
+
+
+def warn_flask_caching_leftovers(app: Flask, url: str) -> None:
+    """Say so when flask-caching's config is left behind and the cache is per process.
+
+    An application migrated from flask-caching keeps ``CACHE_REDIS_URL`` and friends, but
+    ormcache reads ``ORMCACHE_URL``: without it, each worker caches in its own memory, and
+    a commit in one cannot invalidate another's entries (a revoked API key then works in
+    some workers and not in others).
+    """
+    if not url.startswith("memory") or app.config.get("ORMCACHE_URL"):
+        return
+    leftovers = sorted(k for k in app.config if k.startswith("CACHE_"))
+    if not leftovers:
+        return
+    message = (
+        f"ormcache: app.config has flask-caching settings ({', '.join(leftovers)}) but no "
+        "ORMCACHE_URL, so ormcache caches in per-process memory (memory://): a commit in "
+        "one worker cannot invalidate the entries of another. Set ORMCACHE_URL to your "
+        "Redis URL (e.g. the one in CACHE_REDIS_URL)"
+    )
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def settings_conflict(first: Flask | None, app: Flask, applied: Settings, wanted: Settings) -> str:
+    """Why ``app`` may not share this Cache: the settings that differ (never a secret)."""
+    shown = []
+    for f in fields(applied):
+        name, before, after = f.name, getattr(applied, f.name), getattr(wanted, f.name)
+        if before == after:
+            continue
+        if name in ("secret", "backend"):
+            shown.append(name)  # never a secret's value in an error message
+        elif name == "url":
+            shown.append(f"url {redact_url(str(before))} -> {redact_url(str(after))}")
+        else:
+            shown.append(f"{name} {before!r} -> {after!r}")
+    owner = "another application" if first is None else f"application {first.name!r}"
+    return (
+        f"this Cache is configured for {owner}; application {app.name!r} asks for "
+        f"different settings ({'; '.join(shown)}). One Cache holds one configuration "
+        "(backend, namespace, counters), so applying them would change it under the "
+        "first application: give each application its own Cache(), or the same "
+        "ORMCACHE_* settings"
+    )

@@ -49,7 +49,10 @@ class Guard:
     """The backend as the cache sees it: never raises, counts and logs every failure.
 
     A failed bump is a debt: until it is paid, this process serves no hits (an entry it
-    should have invalidated might still look current) and retries the bump first.
+    should have invalidated might still look current) and retries the bump first. A failed
+    delete of an entry (``fn.invalidate(...)``) is a debt of the same kind. The
+    administrative calls (``bump``, ``delete``, ``clear``) return whether they were
+    delivered now, so a caller such as a migration script can fail loudly.
     """
 
     def __init__(self, backend: Backend, stats: Stats, breaker: CircuitBreaker) -> None:
@@ -71,6 +74,9 @@ class Guard:
         # Computation locks whose unlock failed (key -> token). Left alone, the next miss
         # on that key would wait lock_wait seconds for a holder that has moved on.
         self._owed_unlocks: dict[str, str] = {}
+        # Entry keys whose delete failed: served again once the backend is back, unless
+        # deleted before the next hit.
+        self._owed_deletes: set[str] = set()
         self._owed_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
@@ -92,27 +98,32 @@ class Guard:
             )
 
     def _settle(self) -> bool:
-        """Pay owed releases and bumps; True if nothing is owed any more."""
-        if not self._owed:
+        """Pay owed releases, bumps and deletes; True if nothing is owed any more."""
+        if not self._owed and not self._owed_deletes:
             return True
         with self._owed_lock:
             owed = sorted(self._owed)
             releases = list(self._owed_releases.items())
-        if not owed:
-            return True
+            deletes = sorted(self._owed_deletes)
+        op = "bump"
         try:
             for token, tags in releases:
                 self._b().release_lease(tags, token)
                 with self._owed_lock:
                     self._owed_releases.pop(token, None)
-            self._b().bump(owed)
+            if owed:
+                self._b().bump(owed)
+            if deletes:
+                op = "delete"
+                self._b().delete(deletes)
         except BackendError as exc:
-            self._failed("bump", exc)
+            self._failed(op, exc)
             return False
         with self._owed_lock:
             self._owed.difference_update(owed)
+            self._owed_deletes.difference_update(deletes)
         self.breaker.success()
-        return not self._owed
+        return not self._owed and not self._owed_deletes
 
     def usable(self) -> bool:
         if call_failed():
@@ -127,7 +138,7 @@ class Guard:
         # usable() inlined for the common case (no failure, breaker closed, nothing
         # owed): this runs on every hit.
         breaker = self.breaker
-        if call_failed() or breaker.is_open or self._owed:  # noqa: SIM102
+        if call_failed() or breaker.is_open or self._owed or self._owed_deletes:  # noqa: SIM102
             if not self.usable():
                 return None
         try:
@@ -161,11 +172,15 @@ class Guard:
         self.stats.incr("stores" if stored else "store_conflicts")
         return stored
 
-    def delete(self, keys: Sequence[str]) -> None:
+    def delete(self, keys: Sequence[str]) -> bool:
+        """True if the entries are gone now; else the delete is owed (see the class)."""
         try:
             self._b().delete(keys)
         except BackendError as exc:
             self._failed("delete", exc)
+            self.owe_deletes(keys)
+            return False
+        return True
 
     def lock(self, key: str, token: str, ttl: float) -> bool | None:
         """True if taken, False if another process holds it, None if the backend failed
@@ -218,20 +233,37 @@ class Guard:
         with self._owed_lock:
             self._owed.update(tags)
 
-    def bump(self, tags: Sequence[str]) -> None:
+    def owed_deletes(self) -> list[str]:
+        """Entry keys whose delete this process still owes the backend."""
+        with self._owed_lock:
+            return sorted(self._owed_deletes)
+
+    def owe_deletes(self, keys: Sequence[str]) -> None:
+        """Remember deletes to deliver before this process serves another hit."""
+        with self._owed_lock:
+            if len(self._owed_deletes) + len(keys) > _OWED_LIMIT:
+                # Too many single entries: bumping the namespace invalidates them all.
+                self._owed.add(NAMESPACE_TAG)
+                return
+            self._owed_deletes.update(keys)
+
+    def bump(self, tags: Sequence[str]) -> bool:
+        """True if delivered now; else owed (this process serves no hits until it is)."""
         if not tags:
-            return
+            return True
         self.stats.incr("invalidations")
         try:
             self._b().bump(tags)
         except BackendError as exc:
             self._failed("bump", exc)
             self.owe(tags)
+            return False
         except BaseException:
             # Interrupted mid-call (an asyncio task cancelled while awaiting Redis): the
             # bump may not have happened, so it is owed, and the interruption goes on.
             self.owe(tags)
             raise
+        return True
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
         try:
@@ -270,7 +302,8 @@ class Guard:
                 self._owed_releases.pop(next(iter(self._owed_releases)))
             self._owed_releases[token] = tuple(tags)
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """True if the namespace was swept now; else a namespace bump is owed."""
         # An administrative sweep, reached only from the sync cache.clear(): always the
         # sync backend (an event loop's twin need not implement it).
         try:
@@ -278,3 +311,5 @@ class Guard:
         except BackendError as exc:
             self._failed("clear", exc)
             self.owe([NAMESPACE_TAG])
+            return False
+        return True

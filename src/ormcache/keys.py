@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, scoped_session
 from .codec import Codec
 from .errors import UncacheableValueError
 
-__all__ = ["ArgumentKeyer", "function_prefix", "hash_bytes"]
+__all__ = ["ArgumentKeyer", "hash_bytes"]
 
 # Arguments that say *where* to read, not *what*: they never change the result's
 # identity, and they have no stable value to hash.
@@ -46,19 +46,13 @@ def hash_bytes(data: bytes, salt: bytes | None = None) -> str:
     return h.hexdigest()
 
 
-def function_prefix(fn: Callable[..., Any], version: str | int | None = None) -> str:
-    """``m:<module>.<qualname>[:<version>]`` — bump ``version`` when the function's output
-    format changes, so old entries are never decoded as the new shape."""
-    name = f"m:{fn.__module__}.{fn.__qualname__}"
-    if version is not None:
-        name = f"{name}:{version}"
-    if any(ch.isspace() for ch in name):
-        name = name.replace(" ", "_").replace("\n", "_").replace("\t", "_")
-    return name
-
-
 class ArgumentKeyer:
     """Turns a call's arguments into a key, treating ``f(1)`` and ``f(x=1)`` alike.
+
+    A class argument (a classmethod's ``cls``) is keyed by its module and qualified name,
+    so each subclass has entries of its own. A method's ``self`` is an argument like any
+    other: an ORM instance is keyed by its identity, and other objects cannot be keyed
+    unless listed in ``ignore=("self",)`` (the error says so).
 
     The common case (all arguments positional, none defaulted) skips
     ``Signature.bind``, which alone would cost more than a memory-backend hit.
@@ -66,6 +60,7 @@ class ArgumentKeyer:
 
     __slots__ = (
         "_codec",
+        "_first",
         "_ignore",
         "_memo",
         "_positional",
@@ -94,6 +89,7 @@ class ArgumentKeyer:
                 f"{fn.__qualname__}; use the parameter names from its signature"
             )
         self._ignore = frozenset(ignore)
+        self._first = params[0].name if params else ""
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._positional = len(params) if simple else -1
         self._skip_positions = frozenset(i for i, p in enumerate(params) if p.name in self._ignore)
@@ -129,13 +125,35 @@ class ArgumentKeyer:
             None if (i in self._skip_positions or isinstance(v, _SESSION_TYPES)) else v
             for i, v in enumerate(values)
         ]
+        classes = [
+            f"{i}={v.__module__}.{v.__qualname__}"
+            for i, v in enumerate(parts)
+            if isinstance(v, type)
+        ]
+        if classes:
+            parts = [None if isinstance(v, type) else v for v in parts]
         try:
             canonical = self._codec.canonical(tuple(parts))
         except UncacheableValueError as exc:
-            raise UncacheableValueError(
-                f"argument {exc.path.replace('value', 'args', 1)} cannot be part of a cache "
-                f"key: {exc}. Pass a plain value instead, or list the parameter in "
-                "memoize(ignore=...)",
-                path=exc.path,
-            ) from exc
+            raise self._explain(exc) from exc
+        if classes:
+            # After the one msgpack object that canonical() yields, so no call without
+            # class arguments can produce these bytes.
+            canonical += b"\x00" + "|".join(classes).encode()
         return f"{self._prefix}:{hash_bytes(canonical, self._codec.hash_salt)}"
+
+    def _explain(self, exc: UncacheableValueError) -> UncacheableValueError:
+        path = exc.path.replace("value", "args", 1)
+        if path.startswith("args[0]") and self._first in ("self", "cls"):
+            return UncacheableValueError(
+                f"memoize on a method: {self._first} ({exc}) cannot be part of a cache key. "
+                f"If the result does not depend on the instance, pass "
+                f'memoize(ignore=("{self._first}",)); otherwise memoize a function of the '
+                "values it depends on (an ORM instance is keyed by its identity)",
+                path=exc.path,
+            )
+        return UncacheableValueError(
+            f"argument {path} cannot be part of a cache key: {exc}. Pass a plain value "
+            "instead, or list the parameter in memoize(ignore=...)",
+            path=exc.path,
+        )

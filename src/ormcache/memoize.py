@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .aio import await_only, greenlet_spawn
 from .errors import UncacheableValueError
-from .keys import ArgumentKeyer, function_prefix
+from .identity import FunctionIdentity
+from .keys import ArgumentKeyer
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .core import Core
     from .readpath import ReadPath
 
-__all__ = ["AsyncMemoized", "Memoized", "MergeTarget"]
+__all__ = ["AsyncMemoized", "BoundMemoized", "Memoized", "MemoizedClassMethod", "MergeTarget"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,7 +42,12 @@ _Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class Memoized(Generic[P, R]):
-    """The memoized function: call it as the original; it also has ``invalidate``."""
+    """The memoized function: call it as the original; it also has ``invalidate``.
+
+    Memoized in a class body, it binds like a method: ``obj.method(x)`` calls it with
+    ``obj`` first, and ``obj.method.invalidate(x)`` drops that entry. ``self`` is then an
+    argument like any other (see :class:`~ormcache.keys.ArgumentKeyer`).
+    """
 
     tracked = True
 
@@ -51,6 +57,7 @@ class Memoized(Generic[P, R]):
         reads: ReadPath,
         adopter: AdopterFor,
         fn: Callable[P, R],
+        identity: FunctionIdentity,
         *,
         ttl: float | None,
         negative_ttl: float | None = None,
@@ -59,7 +66,7 @@ class Memoized(Generic[P, R]):
         strict: bool,
         merge: MergeTarget,
         ignore: Collection[str],
-        version: str | int | None,
+        allow_time: bool = False,
     ) -> None:
         self._core = core
         self._reads = reads
@@ -71,13 +78,27 @@ class Memoized(Generic[P, R]):
         self.early_refresh = early_refresh
         self.strict = strict
         self.single_flight = True
+        self.allow_time = allow_time
         self._merge = merge
-        self.prefix = self.name = function_prefix(fn, version)
+        self.prefix = self.name = identity.prefix
         self._ignore = tuple(ignore)
         self._keyer = ArgumentKeyer(fn, self.prefix, core.codec, ignore)
         functools.update_wrapper(self, fn)
 
     # -- public -----------------------------------------------------------------------
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> Memoized[P, R]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> BoundMemoized[R]: ...
+
+    def __get__(
+        self, instance: object | None, owner: type | None = None
+    ) -> Memoized[P, R] | BoundMemoized[R]:
+        if instance is None:
+            return self
+        return BoundMemoized(self, instance)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             key = self._keyer(args, kwargs)
@@ -86,10 +107,14 @@ class Memoized(Generic[P, R]):
             return self._invoke(args, kwargs)
         return self._reads.run(self, key, (args, kwargs))
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop the entry for these arguments (the same binding rules as a call)."""
-        self._core.guard.delete([self._keyer(args, kwargs)])
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the entry for these arguments (the same binding rules as a call).
+
+        Returns True if the backend dropped it now; otherwise the delete is owed, and this
+        process serves no hits until it is delivered.
+        """
         self._core.stats.incr("invalidations")
+        return self._core.guard.delete([self._keyer(args, kwargs)])
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The backend key for these arguments; argument values appear only hashed."""
@@ -123,6 +148,42 @@ class Memoized(Generic[P, R]):
 
     def _invoke(self, args: Any, kwargs: Any) -> R:
         return self._fn(*args, **kwargs)
+
+
+class BoundMemoized(Generic[R]):
+    """A memoized method bound to its instance (or a memoized classmethod to its class)."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, memoized: Memoized[..., R], instance: object) -> None:
+        self.__func__ = memoized
+        self.__self__ = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+        return self.__func__.cache_key(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__func__, name)
+
+    def __repr__(self) -> str:
+        return f"<bound memoized {self.__func__.prefix} of {self.__self__!r}>"
+
+
+class MemoizedClassMethod(Generic[R]):
+    """``@cache.memoize`` over ``@classmethod``: binds the class, as a classmethod does,
+    the same way on every Python version."""
+
+    def __init__(self, memoized: Memoized[..., R]) -> None:
+        self.__func__ = memoized
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> BoundMemoized[R]:
+        return BoundMemoized(self.__func__, owner if owner is not None else type(instance))
 
 
 class AsyncMemoized(Memoized[P, R]):

@@ -56,6 +56,8 @@ class ReadContext:
     storable: bool = True
     reason: str = ""
     loaded: set[object] = field(default_factory=set)
+    #: The computation accepts reads of time functions (``memoize(allow_time=True)``).
+    allow_time: bool = False
     #: tag -> sequence number (:func:`next_seq`) drawn before its generation was first
     #: read: what decides whether a later read from an older transaction snapshot is
     #: still covered by generations read before that snapshot began.

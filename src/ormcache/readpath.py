@@ -257,12 +257,15 @@ class ReadPath:
     ) -> T:
         core = self.core
         guard = core.guard
-        ctx = ReadContext(owner=core)
+        ctx = ReadContext(owner=core, allow_time=getattr(recipe, "allow_time", False))
         if recipe.tracked:
             # Read before anything the function reads: a clear() or an untracked write
             # that lands while it runs must fail the store below.
             seq = next_seq()
             ctx.record(guard.snapshot([NAMESPACE_TAG]), "the namespace check", seq)
+            preloaded = core.preloaded(call) if core.preloaded is not None else None
+            if preloaded is not None:
+                ctx.forbid(preloaded)
         else:
             tags = recipe.tags(call)
             if tags is None:
@@ -287,13 +290,16 @@ class ReadPath:
         core = self.core
         if pending_write_tags():
             ctx.forbid("the transaction has uncommitted writes")
-        if not ctx.storable or ctx.snapshot is None:
-            return
         instances: list[object] = []
         try:
+            # Encoded even when the store rule refuses: a value that can never be cached
+            # is reported the same way whatever the reason it is not stored this time.
             payload = recipe.encode(value, instances.append)
         except UncacheableValueError as exc:
             self.uncacheable(recipe.name, exc, recipe.strict)
+            return
+        if not ctx.storable or ctx.snapshot is None:
+            logger.debug("ormcache: %s not stored: %s", recipe.name, ctx.reason)
             return
         stale = stale_instance(instances, ctx) if core.tracks_loads else None
         if stale is not None:

@@ -34,6 +34,17 @@ def count(n: int) -> int:
     return n
 
 
+square = cache.memoize(name="square")(lambda x: x * x)
+
+
+class Repo:
+    @cache.memoize(ignore=("self",))
+    def find(self, pk: int) -> User | None:
+        return None
+
+
+assert_type(Repo().find(1), User | None)
+Repo().find.invalidate(1)
 assert_type(get_user("k"), User | None)
 assert_type(get_user("k", active=False), User | None)
 assert_type(count(3), int)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, text
 from sqlalchemy.sql import Delete, Insert, Update
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import TextClause
@@ -29,10 +29,11 @@ from .analysis import (
     text_is_read,
     text_read_tags,
     text_write_tags,
+    uncacheable_reason,
 )
 from .tags import any_partition_tag, partition_tag, table_tag
 
-__all__ = ["execution_read_tags", "execution_write_tags"]
+__all__ = ["execution_read_tags", "execution_serve_reason", "execution_write_tags"]
 
 _DML = (Insert, Update, Delete)
 _NOT_MEMOIZED = object()
@@ -117,3 +118,23 @@ def execution_read_tags(
             out.add(tag)
             out.add(any_partition_tag(table))
     return out
+
+
+def execution_serve_reason(
+    context: Any, statement: str, dialect: str, allow_time: bool
+) -> str | None:
+    """Why a read executed inside a cached computation makes its value unstorable
+    (a locking read, a non-deterministic or time function), or None."""
+    compiled: Any = getattr(context, "compiled", None)
+    stmt = None if compiled is None else compiled.statement
+    if stmt is None or isinstance(stmt, TextClause):
+        return uncacheable_reason(text(statement), dialect, allow_time=allow_time)
+    found: Any = getattr(compiled, "_ormcache_serve", None)
+    if found is None:
+        found = (
+            uncacheable_reason(stmt, dialect, allow_time=False),
+            uncacheable_reason(stmt, dialect, allow_time=True),
+        )
+        with contextlib.suppress(AttributeError):  # a compiler with __slots__
+            compiled._ormcache_serve = found
+    return found[1] if allow_time else found[0]  # type: ignore[no-any-return]

@@ -86,7 +86,8 @@ def result_payload(result: Result[Any]) -> tuple[list[Any], Any]:
         rows = [tuple(r) for r in frozen.data]
     attrs = result._attributes
     flags = [bool(attrs.get("is_single_entity")), bool(attrs.get("filtered"))]
-    return [list(result.keys()), rows, flags], frozen
+    # Column keys of Core tables are quoted_name (a str subclass): store plain str.
+    return [[str(k) for k in result.keys()], rows, flags], frozen  # noqa: SIM118 - a Result
 
 
 def hit_result(decoded: Any) -> tuple[Result[Any], list[tuple[Any, ...]]]:

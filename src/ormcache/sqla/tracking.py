@@ -48,7 +48,7 @@ from ormcache.protocol import NAMESPACE_TAG, active_reads, next_seq, set_pending
 from . import fromcache
 from .analysis import flush_write_tags
 from .catalog import dependent_writes
-from .execution import execution_read_tags, execution_write_tags
+from .execution import execution_read_tags, execution_serve_reason, execution_write_tags
 
 if TYPE_CHECKING:
     from ormcache.core import Core
@@ -84,6 +84,65 @@ def install_load_listeners() -> None:
         for name in ("load", "refresh", "refresh_flush"):
             event.listen(Mapper, name, _on_load)
         _load_listeners_installed = True
+
+
+# -- mistakes are loud -----------------------------------------------------------------
+# Process-wide too: a read that no attached session or engine sees cannot be invalidated
+# by commits, so a computation that makes one is not stored, and the mistake is named.
+_global_installed = False
+_warned: set[tuple[int, int]] = set()
+
+
+def _on_any_cursor(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+    contexts = active_reads()
+    if not contexts:
+        return
+    engine = conn.engine
+    for ctx in contexts:
+        watching = getattr(ctx.owner, "watching", None)
+        if watching is None or watching(engine):
+            continue
+        ctx.forbid("it read through an engine this cache is not attached to")
+        _warn_once(
+            (id(ctx.owner), id(engine)),
+            "ormcache: a memoized function read through %r, which this cache is not "
+            "attached to, so commits cannot invalidate what it read and its result is "
+            "not cached; call cache.attach() with that Session, sessionmaker or Engine",
+            engine,
+        )
+
+
+def _on_any_orm_execute(state: ORMExecuteState) -> None:
+    if not state.is_select or fromcache.from_cache_option(state) is None:
+        return
+    for fn in state.session.dispatch.do_orm_execute:
+        if isinstance(getattr(fn, "__self__", None), SessionTracker):
+            return
+    _warn_once(
+        (0, id(type(state.session))),
+        "ormcache: FromCache on a session no cache is attached to (%s): the statement runs "
+        "uncached; call cache.attach() with its sessionmaker, scoped_session or Session "
+        "class",
+        type(state.session).__name__,
+    )
+
+
+def _warn_once(key: tuple[int, int], message: str, *args: object) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    logger.warning(message, *args)
+
+
+def install_global_listeners() -> None:
+    """Listeners on every Engine and Session, once per process (see above)."""
+    global _global_installed
+    with _load_lock:
+        if _global_installed:
+            return
+        event.listen(Engine, "before_cursor_execute", _on_any_cursor)
+        event.listen(Session, "do_orm_execute", _on_any_orm_execute)
+        _global_installed = True
 
 
 # -- transaction records ---------------------------------------------------------------
@@ -261,6 +320,10 @@ class EngineWatch:
         contexts = active_reads(core)
         if not contexts:
             return
+        for ctx in contexts:
+            reason = execution_serve_reason(context, statement, dialect, ctx.allow_time)
+            if reason is not None:
+                ctx.forbid(reason)
         tags = execution_read_tags(context, statement, dialect, core.codec.hash_salt)
         if tags is None:
             for ctx in contexts:
@@ -580,6 +643,39 @@ class Wiring:
     @property
     def attached(self) -> bool:
         return bool(self.targets)
+
+    def watching(self, engine: Engine) -> bool:
+        """Whether this cache sees the reads and writes of ``engine``."""
+        watch = self.watches.get(id(engine))
+        return watch is not None and watch.engine is engine
+
+    def preloaded(self, call: Any) -> str | None:
+        """Why a memoized call may compute from objects loaded before it started, or None.
+
+        Instances already in a session's identity map when the call starts (a
+        ``scoped_session`` the application reuses, a session passed as an argument) can
+        be older than any generation the call reads: ``session.get()`` and attribute
+        access serve them without a query. A value computed then is returned but not
+        stored.
+        """
+        sessions: list[Session] = []
+        for owner, _tracker in self.targets.values():
+            if isinstance(owner, scoped_session) and owner.registry.has():
+                sessions.append(owner())
+        if isinstance(call, tuple) and len(call) == 2:
+            args, kwargs = call
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, Session):
+                    sessions.append(value)
+                elif isinstance(value, scoped_session) and value.registry.has():
+                    sessions.append(value())
+        for session in sessions:
+            if any(state.key is not None for state in session.identity_map.all_states()):
+                return (
+                    "its session held instances loaded before the call, which it may "
+                    "have used without a query; call it with a fresh session to cache it"
+                )
+        return None
 
 
 def sync_target(target: object) -> object:
