@@ -15,7 +15,9 @@ this ormcache checkout::
 ``suite`` runs the app's pytest suite serially three times: as shipped (the baseline),
 integrated with ``ORMCACHE_URL=memory://`` and integrated with Redis (``--redis-url``, a
 fresh namespace each run, cleared afterwards). It compares every test's outcome with the
-baseline's and exits 1 on any difference.
+baseline's and exits 1 on any difference. The suite uses in-memory SQLite (a database per
+test); ``--app-database-url`` runs the three again on PostgreSQL, where one database is
+emptied and refilled by every test.
 """
 
 from __future__ import annotations
@@ -69,11 +71,27 @@ def _outcomes(junit: Path) -> dict[str, str]:
     return outcomes
 
 
-def run_suite(app_dir: Path, mode: str, redis_url: str, workdir: Path) -> dict[str, Any]:
-    """One serial run of the app's suite: ``baseline``, ``memory`` or ``redis``."""
+def _reset_schema(database_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+def run_suite(
+    app_dir: Path, mode: str, redis_url: str, workdir: Path, database_url: str | None
+) -> dict[str, Any]:
+    """One serial run of the app's suite: ``baseline``, ``memory`` or ``redis``, on the
+    app's default in-memory SQLite or on ``database_url`` (PostgreSQL, emptied first)."""
     junit = workdir / f"{mode}.xml"
     stats = workdir / f"{mode}-stats.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if database_url:
+        _reset_schema(database_url)
+        env["TESTING_SQLALCHEMY_DATABASE_URI"] = database_url
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore"]
     cmd += [f"--junitxml={junit}", "ihatemoney"]
     namespace = f"realapp-{uuid.uuid4().hex[:8]}"
@@ -97,19 +115,25 @@ def run_suite(app_dir: Path, mode: str, redis_url: str, workdir: Path) -> dict[s
     }
 
 
-def suite(app_dir: Path, redis_url: str) -> int:
+def suite(app_dir: Path, redis_url: str, database_url: str | None) -> int:
     from .ihatemoney_cache import READ_PATHS
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
-            run_suite(app_dir, m, redis_url, Path(tmp)) for m in ("baseline", "memory", "redis")
+            run_suite(app_dir, m, redis_url, Path(tmp), database_url)
+            for m in ("baseline", "memory", "redis")
         ]
     base = runs[0]["outcomes"]
-    print(f"ihatemoney {COMMIT[:12]}: {len(base)} tests, {len(READ_PATHS)} cached read paths\n")
+    where = "PostgreSQL" if database_url else "in-memory SQLite (the suite's default)"
     print(
-        "| run | passed | failed | skipped | same as baseline | seconds | hits | misses | stores |"
+        f"\nihatemoney {COMMIT[:12]} on {where}: {len(base)} tests, "
+        f"{len(READ_PATHS)} cached read paths\n"
     )
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    print(
+        "| run | passed | failed | skipped | same as baseline | seconds | hits | misses | stores "
+        "| listeners |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     status = 0
     for r in runs:
         got = r["outcomes"]
@@ -122,7 +146,8 @@ def suite(app_dir: Path, redis_url: str) -> int:
         print(
             f"| {r['mode']} | {counts['passed']} | {failed} | {counts['skipped']} | "
             f"{'yes' if not diff else f'no ({len(diff)})'} | {r['seconds']} | "
-            f"{st.get('hits', '-')} | {st.get('misses', '-')} | {st.get('stores', '-')} |"
+            f"{st.get('hits', '-')} | {st.get('misses', '-')} | {st.get('stores', '-')} | "
+            f"{st.get('do_orm_execute_listeners', '-')} |"
         )
         for t in diff:
             print(f"    {t}: baseline {base.get(t)}, {r['mode']} {got.get(t)}")
@@ -162,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--database-url", default=os.environ.get("REALAPP_DATABASE_URL"))
+    parser.add_argument(
+        "--app-database-url",
+        help="also run the suite on this PostgreSQL database (psycopg2 driver; emptied)",
+    )
     parser.add_argument("--writes", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.command == "setup":
@@ -169,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = 0
     if args.command in ("suite", "all"):
-        status |= suite(args.app_dir.resolve(), args.redis_url)
+        status |= suite(args.app_dir.resolve(), args.redis_url, None)
+        if args.app_database_url:
+            status |= suite(args.app_dir.resolve(), args.redis_url, args.app_database_url)
     if args.command in ("stale", "all"):
         if not args.database_url:
             parser.error("stale needs --database-url (PostgreSQL, psycopg2 driver)")

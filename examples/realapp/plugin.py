@@ -20,7 +20,13 @@ cache = install(Cache())
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    from ihatemoney.models import db
+
     path = os.environ.get("REALAPP_STATS")
     if path:
+        stats = dataclasses.asdict(cache.stats())
+        # The factory attached db.session once per test: one set of listeners must remain.
+        with db.session.session_factory() as probe:
+            stats["do_orm_execute_listeners"] = len(probe.dispatch.do_orm_execute)
         with open(path, "w") as fh:
-            json.dump(dataclasses.asdict(cache.stats()), fh)
+            json.dump(stats, fh)
