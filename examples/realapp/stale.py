@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -299,10 +300,13 @@ def reader(
                 ident = str(rng.randint(1, max(1, int(version.value * 0.4) + 2)))
                 path += f"/bills/{ident}"
             v0 = version.value
+            started = time.perf_counter()
             resp = client.get(path, headers=headers)
+            elapsed = time.perf_counter() - started
             v1 = version.value
             body = resp.get_json(silent=True)
             sample = {"e": endpoint, "i": ident, "v0": v0, "v1": v1, "status": resp.status_code}
+            sample["ms"] = round(elapsed * 1000, 3)
             sample["value"] = observed(endpoint, resp.status_code, body)
             out.write(json.dumps(sample) + "\n")
     stats = None if cache is None else dataclasses.asdict(cache.stats())
@@ -369,6 +373,7 @@ def analyse(oracle_path: str, samples_paths: list[str]) -> dict[str, Any]:
             states[row["v"]] = row["state"]
     last = max(states)
     verdicts: Counter[str] = Counter()
+    times: dict[str, list[float]] = defaultdict(list)
     by_endpoint: dict[str, Counter[str]] = defaultdict(Counter)
     examples: list[dict[str, Any]] = []
     for path in samples_paths:
@@ -376,6 +381,7 @@ def analyse(oracle_path: str, samples_paths: list[str]) -> dict[str, Any]:
             for line in fh:
                 s = json.loads(line)
                 verdict = classify(s, states, last)
+                times[s["e"]].append(s.get("ms", 0.0))
                 verdicts[verdict] += 1
                 by_endpoint[s["e"]][verdict] += 1
                 if verdict in ("stale", "wrong") and len(examples) < 5:
@@ -385,6 +391,7 @@ def analyse(oracle_path: str, samples_paths: list[str]) -> dict[str, Any]:
         "reads": sum(verdicts.values()),
         **{k: verdicts[k] for k in ("ok", "torn", "stale", "wrong")},
         "by_endpoint": {e: dict(c) for e, c in sorted(by_endpoint.items())},
+        "median_ms": {e: round(statistics.median(t), 2) for e, t in sorted(times.items())},
         "examples": examples,
     }
 
