@@ -86,19 +86,48 @@ def reader(
                 .version
             )
 
-    read = memoized_version if mode == "memoize" else fromcache_version
+    def transaction_then_fresh(row: int) -> int:
+        """A plain read fixes the transaction's snapshot (REPEATABLE READ), then cached
+        reads run in the same transaction while writers commit: none of them may store
+        that snapshot as current. The read checked is a fresh one, afterwards."""
+        with Session() as s:
+            s.get(Counter, 1 + (row % n_rows))
+            for _ in range(2):
+                s.scalars(select(Counter).where(Counter.id == row).options(FromCache(ttl=60))).one()
+                memoized_in(s, row)
+        return 0
+
+    @cache.memoize(ttl=60)
+    def memoized_in(session: Any, row: int) -> int:
+        return session.scalars(select(Counter.version).where(Counter.id == row)).one()
+
+    read = {
+        "memoize": memoized_version,
+        "fromcache": fromcache_version,
+        "transaction": transaction_then_fresh,
+    }[mode]
     reads = stale = 0
     worst = 0
     i = seed
     while not stop.is_set():
         row = 1 + (i % n_rows)
         i += 1
-        floor = published[row - 1].value
-        got = read(row)
-        reads += 1
-        if reads % 100 == 0:
+        if mode == "transaction":
+            # The transaction's own reads come first; the floor is noted before the
+            # fresh read that is checked.
+            read(row)
+            floor = published[row - 1].value
+            got = fromcache_version(row)
+        else:
+            floor = published[row - 1].value
+            got = read(row)
+        # A transaction round makes four cached reads of its own before the checked one.
+        done = 5 if mode == "transaction" else 1
+        before = reads
+        reads += done
+        if reads // 100 > before // 100:
             with progress.get_lock():
-                progress.value += 100
+                progress.value += (reads // 100 - before // 100) * 100
         if got < floor:
             stale += 1
             worst = max(worst, floor - got)

@@ -611,6 +611,7 @@ WRITES = [
     ("DELETE FROM users WHERE id IN (SELECT user_id FROM addresses)", "mysql", w("users")),
     ("TRUNCATE users, addresses", "postgresql", w("users", "addresses")),
     ("TRUNCATE TABLE users", "mysql", w("users")),
+    ("TRUNCATE users CASCADE", "postgresql", {NAMESPACE_TAG}),
     (
         "MERGE INTO users USING staging s ON s.id = users.id"
         " WHEN MATCHED THEN UPDATE SET name = s.name",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from sqlalchemy import Table
 from sqlalchemy.orm import Session, scoped_session
 
 from .backends import Backend
@@ -317,6 +318,36 @@ class Cache:
             what = ", ".join(map(_describe_target, targets))
             raise BackendError(_undelivered(f"invalidate({what})", self.url))
         return delivered
+
+    def declare_writes(
+        self, source: str | type | Table, *, writes: Iterable[str | type | Table]
+    ) -> None:
+        """Declare what the database writes on its own where its catalog cannot tell.
+
+        ``cache.declare_writes("orders", writes=["audit_log"])``: every write to
+        ``orders`` also writes ``audit_log`` (a trigger in C, one the database user may
+        not see, or a write to another database). ``cache.declare_writes("touch()",
+        writes=["users"])``: a call of the function or procedure ``touch`` writes
+        ``users``, instead of the whole namespace; ``writes=[]`` declares that it writes
+        nothing (a call is then neither a write nor cached). Names are
+        ``Table.fullname`` values (``schema.table`` outside the default schema); Tables and
+        mapped classes are accepted too. Declarations add to what the catalog shows, and
+        for a routine they replace it.
+        """
+        from .sqla.tags import tags_for_target
+
+        def names(target: str | type | Table) -> set[str]:
+            if isinstance(target, str):
+                return {target}
+            return {t[2:] for t in tags_for_target(target) if t.startswith("t:")}
+
+        if isinstance(source, str) and source.endswith("()"):
+            sources = [source]
+        else:
+            sources = sorted(names(source))
+        targets = {name for target in writes for name in names(target)}
+        for name in sources:
+            self._core.declared.declare(name, targets)
 
     def clear(self, *, raise_on_error: bool = False) -> bool:
         """Drop every entry in this namespace (other namespaces are untouched).

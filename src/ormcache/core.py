@@ -24,6 +24,7 @@ from .breaker import CircuitBreaker
 from .codec import Codec
 from .errors import ConfigurationError
 from .guard import Guard
+from .sqla.catalog import Declarations
 from .stats import Stats
 
 __all__ = ["Core", "Settings"]
@@ -114,6 +115,9 @@ class Core:
         #: then, none are).
         self.watching: Callable[[Any], bool] = lambda engine: False
         self.settings = settings
+        #: What the application declares its database writes on its own (triggers,
+        #: routines); read by the write path, kept across reconfiguration.
+        self.declared = Declarations()
         self.codec = self._codec(settings, None)
         self.backend = self._backend(settings)
         self.guard = self._guard(settings, self.backend)

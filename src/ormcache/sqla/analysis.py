@@ -19,6 +19,7 @@ does not cache), an unknown write is the whole namespace.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,7 +45,13 @@ from sqlalchemy.sql.util import find_tables
 from .functions import FunctionRules
 from .rawsql import SqlFacts, sql_facts, text_is_read, text_read_tags, text_write_tags
 from .serve import select_write_tags, uncacheable_reason
-from .tags import any_partition_tag, partition_columns, partition_tag, table_tag
+from .tags import (
+    any_partition_tag,
+    comparable_type,
+    partition_columns,
+    partition_tag,
+    table_tag,
+)
 from .writes import dml_write_tags, flush_write_tags
 
 __all__ = [
@@ -168,6 +175,14 @@ def _option_tables(stmt: Any) -> tuple[set[Table], set[Table]] | None:
 
 
 _CASELESS_SQLITE = ("nocase", "rtrim")
+# PostgreSQL collations known to be deterministic by name: the built-in ones, libc
+# locales (``en_US.utf8``) and the predefined ICU ones (``und-x-icu``). A collation
+# created with ``deterministic = false`` has a name of the application's choosing.
+_PG_DETERMINISTIC = re.compile(
+    r"^(c|posix|default|ucs_basic|pg_c_utf8|pg_unicode_fast"
+    r"|[a-z]{2,3}_[a-z]{2}(\.[a-z0-9_-]+)?(@[a-z]+)?|[a-z]{2,3}(-[a-z]{2,4})?-x-icu)$",
+    re.IGNORECASE,
+)
 
 
 def exact_equality(column: Column[Any], dialect: str | None) -> bool:
@@ -175,19 +190,28 @@ def exact_equality(column: Column[Any], dialect: str | None) -> bool:
 
     A partition tag is hashed from the value as spelled in the query, while writers hash
     the row's stored value. Where the database also matches other spellings (MySQL and
-    MariaDB collations are case- and accent-insensitive unless binary; SQLite's NOCASE),
-    the query is tagged by its whole table instead, which every write bumps.
+    MariaDB collations are case- and accent-insensitive unless binary, ENUMs included;
+    SQLite's NOCASE; PostgreSQL ``citext`` and nondeterministic collations), or the
+    column's type transforms bound values (:func:`.tags.comparable_type`), the query is
+    tagged by its whole table instead, which every write bumps. The collation is the
+    column's own or, for a ``TypeDecorator`` that only relabels a type, its impl's.
     """
-    collation = getattr(column.type, "collation", None)
-    if not isinstance(column.type, sqltypes.String) or isinstance(
-        column.type, (sqltypes.Enum, sqltypes.Uuid)
-    ):
+    kind = comparable_type(column.type)
+    if kind is None:
+        return False
+    if not isinstance(kind, sqltypes.String) or isinstance(kind, sqltypes.Uuid):
         return True
+    collation = str(getattr(kind, "collation", None) or "").lower()
     if dialect in ("mysql", "mariadb"):
-        name = str(collation or "").lower()
-        return name.endswith("_bin") or name == "binary"
+        return collation.endswith("_bin") or collation == "binary"
+    if isinstance(kind, sqltypes.Enum):
+        return True
     if dialect == "sqlite":
-        return not collation or collation.lower() not in _CASELESS_SQLITE
+        return collation not in _CASELESS_SQLITE
+    if dialect == "postgresql":
+        return type(kind).__name__.upper() != "CITEXT" and (
+            not collation or _PG_DETERMINISTIC.match(collation) is not None
+        )
     return True
 
 

@@ -86,8 +86,9 @@ def result_payload(result: Result[Any]) -> tuple[list[Any], Any]:
         rows = [tuple(r) for r in frozen.data]
     attrs = result._attributes
     flags = [bool(attrs.get("is_single_entity")), bool(attrs.get("filtered"))]
-    # Column keys of Core tables are quoted_name (a str subclass): store plain str.
-    return [[str(k) for k in result.keys()], rows, flags], frozen  # noqa: SIM118 - a Result
+    # Column keys of Core tables are ``quoted_name`` (a str subclass): store plain str.
+    keys = [str(k) for k in list(result.keys())]
+    return [keys, rows, flags], frozen
 
 
 def hit_result(decoded: Any) -> tuple[Result[Any], list[tuple[Any, ...]]]:

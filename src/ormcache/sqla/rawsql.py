@@ -250,6 +250,11 @@ def _writes(tree: exp.Expr, read: str | None) -> tuple[set[str], bool]:
             if kind not in _DDL_KINDS or (isinstance(node, exp.Drop) and "INDEX" in kind):
                 unknown = True  # DROP INDEX ix, CREATE FUNCTION …: no table to name
                 continue
+        cascade = str(node.args.get("option")).upper() == "CASCADE"
+        if isinstance(node, exp.TruncateTable) and cascade:
+            # PostgreSQL's TRUNCATE … CASCADE empties every table with a foreign key to
+            # it, whatever the key's actions: the tables are not named.
+            unknown = True
         if isinstance(node.parent, exp.When):
             continue  # MERGE … WHEN MATCHED THEN UPDATE: writes the MERGE's target
         parts = [node.this, *(node.args.get("tables") or ()), *(node.expressions or ())]

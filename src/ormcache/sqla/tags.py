@@ -16,12 +16,17 @@ from typing import Any
 
 from sqlalchemy import Column, inspect
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.exc import UnmappedColumnError
+from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.schema import Table as _Table
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from ormcache.errors import ConfigurationError
 
 __all__ = [
+    "column_key",
+    "comparable_type",
     "instance_tags",
     "partition_columns",
     "partition_tag",
@@ -38,27 +43,72 @@ def any_partition_tag(table: TableClause) -> str:
     return f"a:{table.fullname}"
 
 
-def _normal(value: object) -> bytes | None:
+def comparable_type(type_: Any) -> TypeEngine[Any] | None:
+    """The type a column compares as in SQL, or None when the value that reaches the
+    database is not the value the application wrote.
+
+    A ``TypeDecorator`` that only relabels a type (no ``process_bind_param``, no
+    ``bind_processor``, no ``bind_expression``, no ``coerce_compared_value``) compares as
+    its ``impl``. One that transforms bound values (hashing an API key, lower-casing)
+    does not: the query's value is transformed on the way in, while the value a writer
+    holds is whatever the row loaded as (the stored hash, not the raw key), so the two
+    sides cannot be hashed from the same value. Such columns, and types that rewrite
+    their bound parameters in SQL, are never partitioned.
+    """
+    while isinstance(type_, TypeDecorator):
+        cls = type(type_)
+        if any(getattr(cls, name) is not getattr(TypeDecorator, name) for name in _TRANSFORMS):
+            return None
+        type_ = type_.impl_instance
+    if not isinstance(type_, TypeEngine):
+        return None
+    if type(type_).bind_expression is not TypeEngine.bind_expression:
+        return None
+    return type_
+
+
+_TRANSFORMS = ("process_bind_param", "bind_processor", "bind_expression", "coerce_compared_value")
+
+
+def _normal(type_: Any, value: object) -> bytes | None:
     """A canonical form for equality partitions, or None when equality is not exact.
 
-    Only ints, strings and UUIDs qualify: their database equality is their Python
-    equality (given a deterministic collation), so reader and writer compute the same tag.
+    The value must be of the column's own kind: an ``int`` for an integer column, a
+    ``str`` for a string column, a UUID (or its text) for a UUID column. Anything else
+    is compared by the database after a conversion (``id = '1'``, MariaDB's
+    ``id = '1abc'``, a binary string against an int) that the writer's value never went
+    through, so reader and writer would hash different spellings of the same row.
     """
-    if type(value) is int:
-        return b"i" + str(value).encode()
-    if type(value) is str:
+    kind = comparable_type(type_)
+    if kind is None:
+        return None
+    if isinstance(kind, sqltypes.Integer):
+        return b"i" + str(value).encode() if type(value) is int else None
+    if isinstance(kind, sqltypes.Uuid):
+        if type(value) is str:
+            try:
+                value = uuid.UUID(value)
+            except ValueError:
+                return None
+        return b"u" + value.bytes if type(value) is uuid.UUID else None
+    if isinstance(kind, sqltypes.String) and type(value) is str and not _caseless(kind):
         # PAD SPACE collations (MySQL/MariaDB, even binary ones) compare 'a' = 'a  ':
         # both spellings must share a tag. Elsewhere this only merges a few partitions.
         return b"s" + value.rstrip(" ").encode("utf-8", "surrogatepass")
-    if type(value) is uuid.UUID:
-        return b"u" + value.bytes
     return None
+
+
+def _caseless(kind: TypeEngine[Any]) -> bool:
+    """PostgreSQL ``citext`` compares case-insensitively whatever the collation."""
+    return type(kind).__name__.upper() == "CITEXT"
 
 
 def partition_tag(
     table: TableClause, column: Any, value: object, salt: bytes | None = None
 ) -> str | None:
-    norm = _normal(value)
+    """The tag of rows whose ``column`` equals ``value``, or None when that equality is
+    not exact for this column's type (callers then use the table's tag)."""
+    norm = _normal(getattr(column, "type", None), value)
     if norm is None:
         return None
     digest = hashlib.blake2b(norm, digest_size=8, key=salt or b"").hexdigest()
@@ -83,6 +133,14 @@ def partition_columns(table: TableClause) -> tuple[Column[Any], ...]:
     return tuple(cols.values())
 
 
+def column_key(mapper: Any, column: Column[Any]) -> str | None:
+    """The attribute a mapper loads ``column`` into, or None if it does not map it."""
+    try:
+        return str(mapper.get_property_by_column(column).key)
+    except UnmappedColumnError:
+        return None
+
+
 def instance_tags(
     obj: object, values: dict[str, object] | None = None, salt: bytes | None = None
 ) -> set[str]:
@@ -96,8 +154,10 @@ def instance_tags(
     for table in mapper.tables:
         out.add(table_tag(table))
         for col in partition_columns(table):
-            prop = mapper.get_property_by_column(col)
-            key = prop.key
+            key = column_key(mapper, col)
+            if key is None:
+                out.add(any_partition_tag(table))
+                continue
             if values is not None and key in values:
                 value = values[key]
             elif key in state.dict:

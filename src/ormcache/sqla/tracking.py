@@ -34,8 +34,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-import uuid
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect
@@ -43,12 +41,13 @@ from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, sessionmaker
 
 from ormcache.errors import ConfigurationError
-from ormcache.protocol import NAMESPACE_TAG, active_reads, next_seq, set_pending_write_tags
+from ormcache.protocol import NAMESPACE_TAG, active_reads
 
 from . import fromcache
 from .analysis import flush_write_tags
 from .catalog import dependent_writes
-from .execution import execution_read_tags, execution_serve_reason, execution_write_tags
+from .engines import EngineWatch
+from .records import TxRecord, flushing
 
 if TYPE_CHECKING:
     from ormcache.core import Core
@@ -57,8 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["Wiring", "sync_target"]
 
 logger = logging.getLogger("ormcache")
-
-_SNAPSHOT_LEVELS = frozenset(("REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"))
 
 
 # -- load tracking ------------------------------------------------------------------
@@ -145,256 +142,6 @@ def install_global_listeners() -> None:
         _global_installed = True
 
 
-# -- transaction records ---------------------------------------------------------------
-class TxRecord:
-    """One transaction's writes for one cache, and its lease once taken."""
-
-    __slots__ = ("lease_tags", "token", "written")
-
-    def __init__(self) -> None:
-        self.written: set[str] = set()
-        self.token: str | None = None
-        self.lease_tags: set[str] = set()
-
-    def add(self, core: Core, tags: set[str]) -> None:
-        new = tags - self.written
-        if not new:
-            return
-        self.written |= new
-        # This context's reads of these tags bypass the cache until the transaction ends.
-        set_pending_write_tags(id(self), frozenset(self.written))
-        # A write after the lease was taken (commit's own flush loop) is leased too.
-        if self.token is not None:
-            core.guard.acquire_lease(sorted(new), self.token, core.lease_ttl)
-            self.lease_tags |= new
-
-    def lease(self, core: Core) -> None:
-        """Before COMMIT: lease (which bumps) everything written so far, once."""
-        if self.written and self.token is None:
-            self.token = uuid.uuid4().hex
-            self.lease_tags = set(self.written)
-            core.guard.acquire_lease(sorted(self.lease_tags), self.token, core.lease_ttl)
-
-    def finish(self, core: Core) -> None:
-        """After COMMIT or rollback: bump again and drop the lease, if one was taken."""
-        set_pending_write_tags(id(self), frozenset())
-        if self.token is not None:
-            core.guard.release_lease(sorted(self.lease_tags), self.token)
-            self.token = None
-
-
-# -- per-connection state ----------------------------------------------------------------
-class _ConnState:
-    """What one cache knows of one DBAPI connection's current transaction."""
-
-    __slots__ = ("began", "record", "statements")
-
-    def __init__(self) -> None:
-        self.statements = 0
-        self.began = 0
-        self.record = TxRecord()
-
-
-#: While a session of this context flushes: the tags its statements write at the cursor
-#: level (the flush's own analysis then decides which of them it already covers).
-_flushing: contextvars.ContextVar[list[set[str]] | None] = contextvars.ContextVar(
-    "ormcache_flushing", default=None
-)
-
-
-def isolation_level(conn: Connection) -> str:
-    """The isolation level a connection runs at, as far as SQLAlchemy set it.
-
-    The execution option wins (``session.connection(execution_options=...)``,
-    ``engine.execution_options(...)``, ``create_engine(isolation_level=...)``); otherwise
-    the level the server reported when the connection was made.
-    """
-    level = conn.get_execution_options().get("isolation_level")
-    if level is None:
-        level = getattr(conn.dialect, "_on_connect_isolation_level", None) or getattr(
-            conn, "default_isolation_level", None
-        )
-    return str(level or "").upper()
-
-
-def _autocommit(conn: Connection) -> bool:
-    check = getattr(conn, "_is_autocommit_isolation", None)
-    if check is not None:
-        return bool(check())
-    return isolation_level(conn) == "AUTOCOMMIT"  # pragma: no cover - other SQLAlchemy
-
-
-class EngineWatch:
-    """The cursor-level listeners of one cache on one engine.
-
-    The watch holds its engine weakly: an application factory that runs once per test
-    makes an engine per app, and a watch must not keep each one (and its pooled
-    connections) alive after the application dropped it. The listeners live on the
-    engine, so they go with it; the wiring forgets the watch then.
-    """
-
-    def __init__(self, wiring: Wiring, engine: Engine) -> None:
-        self.wiring = wiring
-        self.core = wiring.core
-        self._engine = weakref.ref(engine, self._gone)
-        self.engine_id = id(engine)
-        self.key = ("ormcache.conn", id(self))
-        self.owners: set[int] = set()
-        self._listeners: list[tuple[bool, str, Any]] = []
-
-    @property
-    def engine(self) -> Engine | None:
-        return self._engine()
-
-    def _gone(self, ref: object) -> None:
-        self._listeners.clear()
-        self.wiring.forget(self)
-
-    def install(self, engine: Engine) -> None:
-        for name in ("before_cursor_execute", "after_cursor_execute", "begin", "commit"):
-            self._listen(engine, False, name, getattr(self, name))
-        self._listen(engine, False, "rollback", self.rollback)
-        self._listen(engine, True, "checkin", self.checkin)
-
-    def _listen(self, engine: Engine, on_pool: bool, name: str, fn: Any) -> None:
-        event.listen(engine.pool if on_pool else engine, name, fn)
-        self._listeners.append((on_pool, name, fn))
-
-    def remove(self) -> None:
-        engine = self.engine
-        if engine is not None:
-            for on_pool, name, fn in reversed(self._listeners):
-                target = engine.pool if on_pool else engine
-                if event.contains(target, name, fn):
-                    event.remove(target, name, fn)
-        self._listeners.clear()
-
-    def state(self, info: dict[Any, Any]) -> _ConnState:
-        st = info.get(self.key)
-        if st is None:
-            st = info[self.key] = _ConnState()
-        return st
-
-    def fresh(self, conn: Connection) -> bool:
-        """Whether the next statement on ``conn`` reads data as of now.
-
-        Under REPEATABLE READ or SERIALIZABLE the snapshot is fixed by the transaction's
-        first statement, so only that one is known to follow the generations read just
-        before it. SQLite (pysqlite) runs reads outside a transaction.
-        """
-        st = conn.info.get(self.key)
-        if st is None or st.statements == 0 or conn.dialect.name == "sqlite":
-            return True
-        return isolation_level(conn) not in _SNAPSHOT_LEVELS
-
-    # -- events ----------------------------------------------------------------------
-    def before_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        st = self.state(conn.info)
-        first = st.statements == 0
-        st.statements += 1
-        try:
-            self._classify(conn, st, first, statement, context)
-        finally:
-            if first:
-                # The transaction's snapshot (REPEATABLE READ) begins with this
-                # statement: after every generation read so far.
-                st.began = next_seq()
-
-    def _classify(
-        self, conn: Connection, st: _ConnState, first: bool, statement: str, context: Any
-    ) -> None:
-        core = self.core
-        dialect = conn.dialect.name
-        writes = execution_write_tags(context, statement, dialect)
-        if writes is not None:
-            self._written(conn, st, writes, context)
-            return
-        contexts = active_reads(core)
-        if not contexts:
-            return
-        for ctx in contexts:
-            reason = execution_serve_reason(context, statement, dialect, ctx.allow_time)
-            if reason is not None:
-                ctx.forbid(reason)
-        tags = execution_read_tags(context, statement, dialect, core.codec.hash_salt)
-        if tags is None:
-            for ctx in contexts:
-                ctx.forbid("a query reads tables ormcache cannot determine")
-            return
-        tags.add(NAMESPACE_TAG)
-        if not first and not self.fresh(conn):
-            # Data as of the transaction's first statement: sound only where every
-            # generation it depends on was read before that statement.
-            for ctx in contexts:
-                if not ctx.covers(tags, st.began):
-                    ctx.forbid("a query read an older REPEATABLE READ snapshot")
-            return
-        seq = next_seq()
-        snap = core.guard.snapshot(sorted(tags))
-        for ctx in contexts:
-            ctx.record(snap, "a query", seq)
-
-    def _written(self, conn: Connection, st: _ConnState, tags: set[str], context: Any) -> None:
-        core = self.core
-        tags = dependent_writes(conn.engine, tags)
-        if _autocommit(conn):
-            # Committed as it runs: lease now, release right after it (below).
-            token = uuid.uuid4().hex
-            ordered = sorted(tags)
-            core.guard.acquire_lease(ordered, token, core.lease_ttl)
-            context._ormcache_autocommit = (ordered, token)
-            return
-        flushing = _flushing.get()
-        if flushing is not None:
-            flushing.append(tags)
-            return
-        st.record.add(core, tags)
-
-    def after_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        leased = getattr(context, "_ormcache_autocommit", None)
-        if leased is not None:
-            context._ormcache_autocommit = None
-            self.core.guard.release_lease(*leased)
-
-    def begin(self, conn: Connection) -> None:
-        st = self.state(conn.info)
-        st.statements = 0
-        st.record.finish(self.core)
-
-    def commit(self, conn: Connection) -> None:
-        st = conn.info.get(self.key)
-        if st is not None:
-            st.record.lease(self.core)
-
-    def rollback(self, conn: Connection) -> None:
-        st = conn.info.get(self.key)
-        if st is not None:
-            st.statements = 0
-            st.record.finish(self.core)
-
-    def checkin(self, dbapi_connection: Any, record: Any) -> None:
-        st = None if record is None else record.info.get(self.key)
-        if st is not None:
-            st.statements = 0
-            st.record.finish(self.core)
-
-
 class SessionTracker:
     """A Session class, sessionmaker or scoped_session: flushes, FromCache, commits."""
 
@@ -440,11 +187,11 @@ class SessionTracker:
 
     # -- writes ------------------------------------------------------------------------
     def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        self._flush_tokens[id(session)] = _flushing.set([])
+        self._flush_tokens[id(session)] = flushing.set([])
 
     def after_flush(self, session: Session, flush_context: Any) -> None:
         tags = flush_write_tags(session, self.core.codec.hash_salt)
-        sent = _flushing.get() or []
+        sent = flushing.get() or []
         covered = {t.split(":", 2)[1] for t in tags if t.startswith("t:")}
         for written in sent:
             # What the flush sent beyond the rows it reports (association rows, rows
@@ -456,15 +203,15 @@ class SessionTracker:
                 tags |= written
         if tags:
             bind = session.get_bind() if session.bind is not None else None
-            self.record(session).add(self.core, dependent_writes(bind, tags))
+            self.record(session).add(self.core, dependent_writes(bind, tags, self.core.declared))
 
     def after_flush_postexec(self, session: Session, flush_context: Any) -> None:
         token = self._flush_tokens.pop(id(session), None)
         if token is not None:
             try:
-                _flushing.reset(token)
+                flushing.reset(token)
             except ValueError:  # pragma: no cover - reset from another context
-                _flushing.set(None)
+                flushing.set(None)
 
     def after_begin(self, session: Session, transaction: Any, connection: Connection) -> None:
         self.wiring.watch(connection.engine, self)

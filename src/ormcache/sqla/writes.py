@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Table, inspect
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import LoaderCallableStatus, Mapper, Session
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.schema import Column
 
 from ormcache.protocol import NAMESPACE_TAG
 
-from .tags import any_partition_tag, instance_tags, table_tag
+from .tags import any_partition_tag, column_key, instance_tags, partition_columns, table_tag
 
 __all__ = ["dml_write_tags", "flush_write_tags"]
 
@@ -59,26 +59,54 @@ def _targets(stmt: UpdateBase) -> set[Table]:
 
 
 def flush_write_tags(session: Session, salt: bytes | None) -> set[str]:
+    """Tags a flush writes: each row's tables and partitions, with its old values.
+
+    A changed or deleted row also bumps the partitions of the values it had before (a
+    rotated key's old hash stops answering; a row modified and then deleted in the same
+    flush is deleted under its old values). Where an old value of a partition column was
+    never loaded (``load_only()``, ``expire(obj, [col])``, a row never loaded at all),
+    the writer cannot name the partition it leaves: it bumps every partition of the
+    table (``a:<table>``) instead.
+    """
     out: set[str] = set()
     for obj in session.new:
         out |= instance_tags(obj, salt=salt)
-    for obj in session.deleted:
-        out |= instance_tags(obj, salt=salt)
-    for obj in session.dirty:
+    changed = [(obj, True) for obj in session.deleted]
+    changed += [(obj, False) for obj in session.dirty]
+    for obj, is_deleted in changed:
         state: Any = inspect(obj)
-        if not state.modified:
+        if not is_deleted and not state.modified:
             continue
         out |= instance_tags(obj, salt=salt)
-        old: dict[str, object] = {}
-        for prop in state.mapper.column_attrs:
-            # Passive history: never load an attribute from inside a flush.
-            hist = state.attrs[prop.key].history
-            if hist.deleted:
-                old[prop.key] = hist.deleted[0]
-        if old:
-            out |= instance_tags(obj, values=old, salt=salt)
+        out |= _old_value_tags(state, obj, salt)
         for rel in state.mapper.relationships:
             secondary = rel.secondary
             if isinstance(secondary, Table) and state.attrs[rel.key].history.has_changes():
                 out |= {table_tag(secondary), any_partition_tag(secondary)}
+    return out
+
+
+def _old_value_tags(state: Any, obj: object, salt: bytes | None) -> set[str]:
+    old: dict[str, object] = {}
+    unknown: set[str] = set()
+    committed = state.committed_state
+    for prop in state.mapper.column_attrs:
+        key = prop.key
+        if key not in committed:
+            continue
+        if committed[key] is LoaderCallableStatus.NO_VALUE:
+            unknown.add(key)
+            continue
+        # Passive history: never load an attribute from inside a flush.
+        hist = state.attrs[key].history
+        if hist.deleted:
+            old[key] = hist.deleted[0]
+    out: set[str] = set()
+    if old:
+        out |= instance_tags(obj, values=old, salt=salt)
+    if unknown:
+        for table in state.mapper.tables:
+            keys = {column_key(state.mapper, col) for col in partition_columns(table)}
+            if keys & unknown or None in keys:
+                out |= {table_tag(table), any_partition_tag(table)}
     return out
