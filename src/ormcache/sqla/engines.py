@@ -10,6 +10,7 @@ level, which decide whether a read sees data as of now (see ``tracking``).
 from __future__ import annotations
 
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -63,30 +64,48 @@ def _autocommit(conn: Connection) -> bool:
 
 
 class EngineWatch:
-    """The cursor-level listeners of one cache on one engine."""
+    """The cursor-level listeners of one cache on one engine.
+
+    The watch holds its engine weakly: an application factory that runs once per test
+    makes an engine per app, and a watch must not keep each one (and its pooled
+    connections) alive after the application dropped it. The listeners live on the
+    engine, so they go with it; the wiring forgets the watch then.
+    """
 
     def __init__(self, wiring: Wiring, engine: Engine) -> None:
         self.wiring = wiring
         self.core = wiring.core
-        self.engine = engine
+        self._engine = weakref.ref(engine, self._gone)
+        self.engine_id = id(engine)
         self.key = ("ormcache.conn", id(self))
         self.owners: set[int] = set()
-        self._listeners: list[tuple[Any, str, Any]] = []
+        self._listeners: list[tuple[bool, str, Any]] = []
 
-    def install(self) -> None:
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine()
+
+    def _gone(self, ref: object) -> None:
+        self._listeners.clear()
+        self.wiring.forget(self)
+
+    def install(self, engine: Engine) -> None:
         for name in ("before_cursor_execute", "after_cursor_execute", "begin", "commit"):
-            self._listen(self.engine, name, getattr(self, name))
-        self._listen(self.engine, "rollback", self.rollback)
-        self._listen(self.engine.pool, "checkin", self.checkin)
+            self._listen(engine, False, name, getattr(self, name))
+        self._listen(engine, False, "rollback", self.rollback)
+        self._listen(engine, True, "checkin", self.checkin)
 
-    def _listen(self, target: Any, name: str, fn: Any) -> None:
-        event.listen(target, name, fn)
-        self._listeners.append((target, name, fn))
+    def _listen(self, engine: Engine, on_pool: bool, name: str, fn: Any) -> None:
+        event.listen(engine.pool if on_pool else engine, name, fn)
+        self._listeners.append((on_pool, name, fn))
 
     def remove(self) -> None:
-        for target, name, fn in reversed(self._listeners):
-            if event.contains(target, name, fn):
-                event.remove(target, name, fn)
+        engine = self.engine
+        if engine is not None:
+            for on_pool, name, fn in reversed(self._listeners):
+                target = engine.pool if on_pool else engine
+                if event.contains(target, name, fn):
+                    event.remove(target, name, fn)
         self._listeners.clear()
 
     def state(self, info: dict[Any, Any]) -> _ConnState:

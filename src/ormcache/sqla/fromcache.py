@@ -364,7 +364,11 @@ def execute(
     now (see ``tracking``): it is then neither served nor stored.
     """
     session = state.session
-    if session.autoflush and not session._is_clean() and not session._flushing:
+    # A read made while the session flushes (from a flush or mapper hook): never flush
+    # inside the flush, and never serve or store it, since the flush's writes so far are
+    # recorded for this transaction only when the flush ends.
+    flushing = session._flushing
+    if session.autoflush and not flushing and not session._is_clean():
         # The ORM autoflushes only after this hook; flush first so our own pending
         # writes are known, and bypass the cache for the tables they touch.
         session.flush()
@@ -378,7 +382,9 @@ def execute(
     read = StatementRead(core, state, option, plan, ck, _params(state))
     bypass: str | None = None
     key = ""
-    if plan is None:
+    if flushing:
+        bypass = "the session is flushing"
+    elif plan is None:
         bypass = "ormcache cannot determine every table it reads"
     elif plan.reason is not None:
         bypass = plan.reason

@@ -381,10 +381,16 @@ class Wiring:
         watch = self.watches.get(id(engine))
         if watch is None or watch.engine is not engine:
             watch = EngineWatch(self, engine)
-            watch.install()
+            watch.install(engine)
             self.watches[id(engine)] = watch
         watch.owners.add(id(owner))
         return watch
+
+    def forget(self, watch: EngineWatch) -> None:
+        """Drop the watch of an engine that was garbage-collected (no lock: this runs
+        from the collector, possibly inside ``attach``'s own critical section)."""
+        if self.watches.get(watch.engine_id) is watch:
+            self.watches.pop(watch.engine_id, None)
 
     @property
     def attached(self) -> bool:
