@@ -386,3 +386,41 @@ def test_in_memory_sqlite_databases_never_share_entries(cache: Cache) -> None:
         engine.dispose()
         del engine, factory
         gc.collect()
+
+
+def test_memoize_under_a_schema_translate_map_is_not_stored(
+    cache: Cache, postgres_url: str
+) -> None:
+    """A memoize key holds the function and its arguments, not the tenant's schema: a
+    call that read under a schema map must not answer for another tenant."""
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        for schema in ("oc_memo_a", "oc_memo_b"):
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        factories = {}
+        for schema in ("oc_memo_a", "oc_memo_b"):
+            tenant = engine.execution_options(schema_translate_map={None: schema})
+            Base.metadata.create_all(tenant)
+            with Session(tenant) as s:
+                s.add(User(id=1, name=schema, email="e", api_key_hash="h", created_at=func.now()))
+                s.commit()
+            factories[schema] = sessionmaker(tenant)
+            cache.attach(factories[schema])
+        current = {"schema": "oc_memo_a"}
+
+        @cache.memoize(ttl=60)
+        def name_of(user_id: int) -> str:
+            with factories[current["schema"]]() as s:
+                return str(s.scalars(select(User.name).where(User.id == user_id)).one())
+
+        for _ in range(2):
+            for schema in ("oc_memo_a", "oc_memo_b"):
+                current["schema"] = schema
+                assert name_of(1) == schema
+    finally:
+        with engine.begin() as conn:
+            for schema in ("oc_memo_a", "oc_memo_b"):
+                conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        engine.dispose()

@@ -58,6 +58,8 @@ class ReadContext:
     loaded: set[object] = field(default_factory=set)
     #: The computation accepts reads of time functions (``memoize(allow_time=True)``).
     allow_time: bool = False
+    #: The key already holds the execution context (FromCache: database, schema map).
+    keys_context: bool = False
     #: Why the computation's sessions held instances before it began (they can be used
     #: without a query), or None.
     preloaded: str | None = None

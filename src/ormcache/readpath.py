@@ -257,7 +257,11 @@ class ReadPath:
     ) -> T:
         core = self.core
         guard = core.guard
-        ctx = ReadContext(owner=core, allow_time=getattr(recipe, "allow_time", False))
+        ctx = ReadContext(
+            owner=core,
+            allow_time=getattr(recipe, "allow_time", False),
+            keys_context=not recipe.tracked,
+        )
         if recipe.tracked:
             # Read before anything the function reads: a clear() or an untracked write
             # that lands while it runs must fail the store below.

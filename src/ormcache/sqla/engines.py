@@ -159,10 +159,19 @@ class EngineWatch:
         contexts = active_reads(core)
         if not contexts:
             return
+        options = getattr(context, "execution_options", None) or {}
+        tenant = bool(options.get("schema_translate_map"))
         for ctx in contexts:
             reason = execution_serve_reason(context, statement, dialect, ctx.allow_time)
             if reason is not None:
                 ctx.forbid(reason)
+            elif tenant and not ctx.keys_context:
+                # The same call under another schema map reads other tables: a memoize
+                # key (function and arguments) cannot tell them apart.
+                ctx.forbid(
+                    "a query ran with a schema_translate_map, which its key does not hold; "
+                    "use FromCache (its key holds the map) or a namespace per tenant"
+                )
         tags = execution_read_tags(context, statement, dialect, core.codec.hash_salt)
         if tags is None:
             for ctx in contexts:
