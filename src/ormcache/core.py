@@ -24,6 +24,7 @@ from .breaker import CircuitBreaker
 from .codec import Codec
 from .errors import ConfigurationError
 from .guard import Guard
+from .signing import Signer
 from .stats import Stats
 
 __all__ = ["Core", "Settings"]
@@ -115,6 +116,8 @@ class Core:
         self.watching: Callable[[Any], bool] = lambda engine: False
         self.settings = settings
         self.codec = self._codec(settings, None)
+        #: Signs and verifies whole entries when a secret is set (see ``signing``).
+        self.signer = self._signer(settings)
         self.backend = self._backend(settings)
         self.guard = self._guard(settings, self.backend)
         self._apply(settings)
@@ -154,10 +157,19 @@ class Core:
         self.lock_ttl = float(settings.lock_ttl)
 
     @staticmethod
-    def _codec(settings: Settings, old: Codec | None) -> Codec:
+    def _secret(settings: Settings) -> bytes | None:
         secret = settings.secret
-        key = secret.encode() if isinstance(secret, str) else secret
-        codec = Codec(secret=key or None)
+        return (secret.encode() if isinstance(secret, str) else secret) or None
+
+    @classmethod
+    def _signer(cls, settings: Settings) -> Signer | None:
+        key = cls._secret(settings)
+        return None if key is None else Signer(key, settings.namespace)
+
+    @classmethod
+    def _codec(cls, settings: Settings, old: Codec | None) -> Codec:
+        # Payloads are not signed on their own: the read path signs the whole entry.
+        codec = Codec(secret=cls._secret(settings), sign=False)
         if old is not None:
             codec.adopt_registrations(old)
         return codec
@@ -203,6 +215,7 @@ class Core:
         if backend is old_backend:
             guard.owe_deletes(old_guard.owed_deletes())
         self.codec, self.backend, self.guard = codec, backend, guard
+        self.signer = self._signer(settings)
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()

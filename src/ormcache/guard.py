@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .aio import in_bridge
-from .backends.base import Backend, Snapshot
+from .backends.base import Backend, Entry, Snapshot
 from .breaker import CircuitBreaker
 from .errors import BackendError
 from .protocol import NAMESPACE_TAG, call_failed, mark_call_failed
@@ -134,7 +134,7 @@ class Guard:
         return self._settle()
 
     # -- reads ------------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         # usable() inlined for the common case (no failure, breaker closed, nothing
         # owed): this runs on every hit.
         breaker = self.breaker

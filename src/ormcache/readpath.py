@@ -60,9 +60,11 @@ logger = logging.getLogger("ormcache")
 T = TypeVar("T")
 
 # Every entry starts with (fresh until, seconds the computation took): what
-# stale-while-revalidate and early refresh need, in 17 bytes.
+# stale-while-revalidate and early refresh need, in 17 bytes. A signed entry (a cache
+# with a secret) has its own tag, and its MAC follows the header (see ormcache.signing).
 _META = struct.Struct(">cdd")
 _META_TAG = b"m"
+_SIGNED_TAG = b"s"
 
 
 class Recipe(Protocol[T]):
@@ -205,21 +207,33 @@ class ReadPath:
 
     def _lookup(self, recipe: Recipe[T], key: str, call: Any) -> tuple[bool, Any]:
         core = self.core
-        data = core.guard.get(key)
-        if data is None:
+        entry = core.guard.get(key)
+        if entry is None:
             return False, None
+        signer = core.signer
         try:
+            if signer is None:
+                data = entry.payload
+                expected = _META_TAG
+            else:
+                # Before anything in the entry is trusted: the MAC covers this key, the
+                # generations the backend just checked, the header and the payload.
+                data = signer.verify(key, entry, _META.size)
+                expected = _SIGNED_TAG
             tag, fresh_until, took = _META.unpack_from(data)
-            if tag != _META_TAG:
-                raise CorruptPayloadError("entry without its header")
+            if tag != expected:
+                raise CorruptPayloadError("entry without its header, or signed differently")
         except (CorruptPayloadError, struct.error) as exc:
             return self._corrupt(recipe, key, exc)
         now = time.time()
         stale = now >= fresh_until
         if stale:
             # Past its TTL but kept for the stale window (entries a commit invalidated
-            # never get here: the backend already refused them).
-            if recipe.stale_ttl is None:
+            # never get here: the backend already refused them). The window is enforced
+            # here too, from the header: a backend that lost the entry's TTL (or a
+            # PERSIST by someone else) must not make it live forever.
+            stale_ttl = recipe.stale_ttl
+            if stale_ttl is None or now >= fresh_until + stale_ttl:
                 return False, None
         elif recipe.early_refresh and took > 0:
             # XFetch: recompute a little before expiry, more likely the closer it gets
@@ -317,8 +331,14 @@ class ReadPath:
         fresh_until = math.inf if ttl is None else time.time() + ttl
         if ttl is not None and recipe.stale_ttl is not None:
             ttl += recipe.stale_ttl
-        header = _META.pack(_META_TAG, fresh_until, took)
-        core.guard.store(key, header + payload, ttl, ctx.snapshot)
+        snap = ctx.snapshot
+        signer = core.signer
+        if signer is None:
+            data = _META.pack(_META_TAG, fresh_until, took) + payload
+        else:
+            header = _META.pack(_SIGNED_TAG, fresh_until, took)
+            data = signer.sign(key, snap.tags, snap.gens, header, payload)
+        core.guard.store(key, data, ttl, snap)
 
     def uncacheable(self, name: str, exc: UncacheableValueError, strict: bool) -> None:
         """Count a value that cannot be cached; raise in strict mode, else log once."""

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from .base import Snapshot
+from .base import Entry, Snapshot
 
 __all__ = ["MemoryBackend"]
 
@@ -43,10 +43,8 @@ class MemoryBackend:
         self.max_tags = max_tags
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (expires_at or None, tags, gens, payload)
-        self._entries: OrderedDict[
-            str, tuple[float | None, tuple[str, ...], tuple[int, ...], bytes]
-        ] = OrderedDict()
+        # key -> (expires_at or None, the entry get returns as it is)
+        self._entries: OrderedDict[str, tuple[float | None, Entry]] = OrderedDict()
         self._gens: OrderedDict[str, int] = OrderedDict()
         self._leases: dict[str, dict[str, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
@@ -82,20 +80,20 @@ class MemoryBackend:
             self._gens.popitem(last=False)
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
+            stored = self._entries.get(key)
+            if stored is None:
                 return None
-            expires, tags, gens, payload = entry
+            expires, entry = stored
             if expires is not None and expires <= self._clock():
                 del self._entries[key]
                 return None
-            if tuple(map(self._gens.get, tags)) != gens:
+            if tuple(map(self._gens.get, entry.tags)) != entry.gens:
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-            return payload
+            return entry
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
@@ -115,7 +113,8 @@ class MemoryBackend:
             if self._leased(snapshot.tags, now):
                 return False
             expires = None if ttl is None else now + ttl
-            self._entries[key] = (expires, snapshot.tags, tuple(snapshot.gens), bytes(payload))
+            entry = Entry(bytes(payload), snapshot.tags, tuple(snapshot.gens))
+            self._entries[key] = (expires, entry)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)

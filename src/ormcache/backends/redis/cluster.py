@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.cluster import ClusterNode, RedisCluster
 
-from ormcache.backends.base import Snapshot
+from ormcache.backends.base import Entry, Snapshot
 from ormcache.errors import ConfigurationError
 
 from .core import (
@@ -197,7 +197,7 @@ class RedisClusterBackend(RedisCore):
         return self._run("get", run)
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         entry_key = self._e + key
         known = self._known.get(key)
         if known is None:
@@ -205,22 +205,20 @@ class RedisClusterBackend(RedisCore):
             parsed = parse_entry(value)
             if parsed is None:
                 return unframed(value)
-            tags = parsed[0]
-            current = self._values([self._gen_key(t) for t in tags])
+            current = self._values([self._gen_key(t) for t in parsed.tags])
         else:
             values = self._values([entry_key, *map(self._gen_key, known)])
             parsed = parse_entry(values[0])
             if parsed is None:
                 return unframed(values[0])
-            if parsed[0] != known:
+            if parsed.tags != known:
                 self._known.pop(key, None)  # rewritten with other tags: learn them anew
                 return self.get(key)
             current = values[1:]
-        tags, gens, payload = parsed
-        if not is_current(gens, current):
+        if not is_current(parsed.gens, current):
             return None
-        self._known.learn(key, tags)
-        return payload
+        self._known.learn(key, parsed.tags)
+        return parsed
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from ormcache.aio import LoopTwins
-from ormcache.backends.base import UNREADABLE, Snapshot
+from ormcache.backends.base import UNREADABLE, Entry, Snapshot
 from ormcache.errors import BackendError
 
 from .errors import run_redis
@@ -74,9 +74,6 @@ RELEASE = lua("gen", "bump_fn", "release")
 LOCK = lua("lock")
 UNLOCK = lua("unlock")
 
-# (tags, recorded generations, payload) of a stored entry
-ParsedEntry = tuple[tuple[str, ...], tuple[bytes, ...], bytes]
-
 
 def frame_entry(snapshot: Snapshot, payload: bytes) -> bytes | None:
     """The stored form of ``payload`` read under ``snapshot``; None if the header would
@@ -87,8 +84,8 @@ def frame_entry(snapshot: Snapshot, payload: bytes) -> bytes | None:
     return ENTRY_MAGIC + len(header).to_bytes(2, "big") + header + payload
 
 
-def parse_entry(value: Any) -> ParsedEntry | None:
-    """Split a stored entry into tags, recorded generations and payload; None if it is
+def parse_entry(value: Any) -> Entry | None:
+    """Split a stored entry into payload, tags and recorded generations; None if it is
     not one (any other value under an entry key is a miss)."""
     if not isinstance(value, bytes) or len(value) < 6 or value[:4] != ENTRY_MAGIC:
         return None
@@ -106,10 +103,10 @@ def parse_entry(value: Any) -> ParsedEntry | None:
         tags = tuple(t.decode("utf-8") for t in lines[0:-1:2])
     except UnicodeDecodeError:
         return None
-    return tags, gens, value[6 + length :]
+    return Entry(value[6 + length :], tags, gens)
 
 
-def unframed(value: Any) -> bytes | None:
+def unframed(value: Any) -> Entry | None:
     """What ``get`` returns for a value under an entry key that is not a (current)
     entry: ``None`` when there is none, :data:`~ormcache.backends.base.UNREADABLE` when
     there is something else there, so that the read path deletes it as corrupt."""
@@ -121,7 +118,7 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def is_current(recorded: Sequence[bytes], current: Sequence[Any]) -> bool:
+def is_current(recorded: Sequence[object], current: Sequence[Any]) -> bool:
     """Whether every generation an entry recorded is still the current one. A missing
     generation (None) never matches, so an evicted or flushed tag cannot revive it."""
     return list(recorded) == list(current)

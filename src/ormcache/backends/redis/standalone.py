@@ -19,7 +19,7 @@ from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
-from ormcache.backends.base import UNREADABLE, Snapshot, redact_url
+from ormcache.backends.base import UNREADABLE, Entry, Snapshot, redact_url
 from ormcache.errors import ConfigurationError
 
 from .core import (
@@ -142,7 +142,7 @@ class RedisBackend(RedisCore):
         return (f"{self._e}*", f"{self._g}*")
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         """One round trip either way: a plain MGET of the entry and its generations when
         this process already knows the entry's tags, else the Lua script (which then
         teaches us the tags). MGET is atomic, so both read one consistent state."""
@@ -154,9 +154,8 @@ class RedisBackend(RedisCore):
             parsed = parse_entry(values[0])
             if parsed is None:
                 return unframed(values[0])
-            tags, gens, payload = parsed
-            if tags == known:
-                return payload if is_current(gens, values[1:]) else None
+            if parsed.tags == known:
+                return parsed if is_current(parsed.gens, values[1:]) else None
             # The entry was rewritten with other tags: learn them through the script.
         value = self._run("get", lambda: self._get_script(entry_key))
         if value is None:
@@ -166,8 +165,8 @@ class RedisBackend(RedisCore):
         parsed = parse_entry(value)
         if parsed is None:
             return unframed(value)
-        self._known.learn(key, parsed[0])
-        return parsed[2]
+        self._known.learn(key, parsed.tags)
+        return parsed
 
     def _get_script(self, entry_key: str) -> Any:
         try:
