@@ -84,6 +84,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ORMCACHE_NAMESPACE=os.environ.get("ORMCACHE_NAMESPACE", "keyservice"),
         ORMCACHE_DEFAULT_TTL=300,
         ORMCACHE_STRICT=os.environ.get("ORMCACHE_STRICT", "false"),
+        # Signs every cached entry (see the README): without it, whoever can write to
+        # Redis can plant an entry that authenticates a made-up key.
+        ORMCACHE_SECRET=os.environ.get("ORMCACHE_SECRET") or None,
         KEYSERVICE_NEGATIVE_TTL=float(os.environ.get("KEYSERVICE_NEGATIVE_TTL", "30")),
     )
     if config:
