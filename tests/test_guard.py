@@ -173,7 +173,8 @@ def test_backend_errors_never_raise_and_are_counted(rig: Rig) -> None:
     rig.guard.acquire_lease(["t:users"], "w", 5)
     rig.guard.release_lease(["t:users"], "w")
     rig.guard.clear()
-    assert rig.stats.snapshot().errors >= 10
+    # Every call but the release, owed untried: its lease had just failed.
+    assert rig.stats.snapshot().errors >= 9
 
 
 def test_a_failed_bump_is_owed_and_hits_are_refused_until_it_is_paid(rig: Rig) -> None:
@@ -300,9 +301,10 @@ def test_owed_releases_are_bounded_and_the_oldest_are_dropped(rig: Rig) -> None:
     paid = owed_payments(rig, "release_lease", owe, n)
     assert 0 < len(paid) < n
     assert paid == list(range(n - len(paid), n)), "the newest are kept, in order"
-    # Every tag is still bumped: a dropped release only leaves a lease to expire.
+    # Every tag is still bumped (a dropped release only leaves a lease to expire): the
+    # debt, past MAX_TAGS, collapsed into the namespace tag, which every entry records.
     bumped = {tag for op, args in rig.backend.calls if op == "bump" for tag in args[0]}
-    assert bumped == {f"t:{i}" for i in range(n)}
+    assert NAMESPACE_TAG in bumped
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,148 @@
+"""Bounded resources and a hung Redis (issue 12): debts stay small and are paid in one
+bounded bump, and a commit never waits on a frozen Redis more than once. Every server
+here is a private redis-server process of this module's own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, update
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import Cache
+from ormcache.protocol import MAX_TAGS, NAMESPACE_TAG, collapse_tags
+from tests.fault_workers import lookup_fn
+from tests.models import Base, User, key_hash, seed
+from tests.redis_procs import PrivateRedis
+
+TIMEOUT = 0.25
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Iterator[PrivateRedis]:
+    proc = PrivateRedis(str(tmp_path / "redis"))
+    proc.start()
+    yield proc
+    if proc.proc is not None:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+    proc.kill()
+
+
+@pytest.fixture
+def Session(tmp_path: Any) -> Iterator[Any]:
+    engine = create_engine(f"sqlite:///{tmp_path}/resources.sqlite")
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    seed(factory, n=3)
+    yield factory
+    engine.dispose()
+
+
+def signal_redis(server: PrivateRedis, sig: signal.Signals) -> None:
+    assert server.proc is not None
+    os.kill(server.proc.pid, sig)
+
+
+def test_collapse_keeps_what_every_entry_records() -> None:
+    """Past the bound, partitions become their table's ``t:`` and ``a:`` tags (what
+    every read of the table records), then the namespace; never just fewer tags."""
+    small = ["t:users", "p:users:id:1"]
+    assert collapse_tags(small) == sorted(small)
+    many = [f"p:users:id:{i}" for i in range(5000)] + ["t:orders"]
+    assert collapse_tags(many) == ["a:users", "t:orders", "t:users"]
+    tables = [f"p:t{i}:id:1" for i in range(MAX_TAGS + 1)]
+    assert collapse_tags(tables) == [NAMESPACE_TAG]
+    assert collapse_tags([*many, NAMESPACE_TAG]) == [NAMESPACE_TAG]
+
+
+def test_a_huge_debt_is_collapsed_and_paid_in_one_bounded_bump(
+    server: PrivateRedis, Session: Any
+) -> None:
+    """Issue 12: 100k rows written during an outage left 200k owed tags; paying them was
+    one script longer than the socket timeout, so the debt was never paid and the writer
+    served no hits again. The debt is now bounded, and still invalidates what it must."""
+    cache = Cache(
+        server.url,
+        namespace=f"debt-{uuid.uuid4().hex[:8]}",
+        socket_timeout=TIMEOUT,
+        breaker_cooldown=0.2,
+    )
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of("key-0-secret") == "user0"
+    assert name_of("key-0-secret") == "user0"
+    hits = cache.stats().hits
+    assert hits >= 1
+
+    signal_redis(server, signal.SIGSTOP)
+    try:
+        with Session() as s:
+            s.execute(update(User).where(User.id == 1).values(name="renamed"))
+            s.commit()
+        # A big write during the outage: thousands of partitions owed.
+        with Session() as s:
+            for i in range(4000):
+                s.add(
+                    User(
+                        id=100 + i,
+                        name=f"bulk{i}",
+                        email=f"bulk{i}@example.com",
+                        api_key_hash=key_hash(f"bulk-{i}"),
+                        created_at=s.get(User, 1).created_at,  # type: ignore[union-attr]
+                    )
+                )
+            s.commit()
+        owed = cache._core.guard.owed_tags()
+        assert 0 < len(owed) <= MAX_TAGS, f"{len(owed)} tags owed"
+    finally:
+        signal_redis(server, signal.SIGCONT)
+    time.sleep(0.3)  # the breaker's cooldown
+    started = time.perf_counter()
+    assert name_of("key-0-secret") == "renamed"  # the collapsed bump invalidated it
+    assert time.perf_counter() - started < TIMEOUT
+    assert cache._core.guard.owed_tags() == []
+    assert name_of("key-0-secret") == "renamed"
+    assert cache.stats().hits > hits, "the writer serves hits again"
+    cache.detach(Session)
+    cache.close()
+
+
+def test_a_commit_waits_on_a_frozen_redis_at_most_once(server: PrivateRedis, Session: Any) -> None:
+    """Issue 12: with Redis frozen (SIGSTOP) every commit waited two socket timeouts
+    (lease, then release), and still did after the breaker opened. Now the release of
+    a failed lease is owed without a second wait, and with the breaker open a commit
+    does not wait on Redis at all: its bumps are owed and paid when Redis is back."""
+    cache = Cache(
+        server.url,
+        namespace=f"frozen-{uuid.uuid4().hex[:8]}",
+        socket_timeout=TIMEOUT,
+        breaker_threshold=3,
+        breaker_cooldown=30,
+    )
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    assert name_of("key-1-secret") == "user1"
+
+    signal_redis(server, signal.SIGSTOP)
+    durations = []
+    try:
+        for i in range(6):
+            started = time.perf_counter()
+            with Session() as s:
+                s.execute(update(User).where(User.id == 2).values(name=f"n{i}"))
+                s.commit()
+            durations.append(time.perf_counter() - started)
+    finally:
+        signal_redis(server, signal.SIGCONT)
+    assert max(durations) < TIMEOUT * 1.6, f"commit durations: {durations}"
+    assert max(durations[3:]) < TIMEOUT / 2, f"the breaker is open: {durations}"
+    cache._core.guard.breaker.success()  # skip the 30 s cooldown: Redis is back
+    assert name_of("key-1-secret") == "n5"
+    cache.detach(Session)
+    cache.close()
