@@ -173,6 +173,33 @@ def test_a_forged_entry_for_a_made_up_key_never_authenticates(
     client.close()
 
 
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}", 400),  # nested past recursion
+        ('{"name": "\\ud800", "email": "a@example.com"}', 422),  # a lone surrogate
+        ('{"name": "n", "email": "\\udfff@example.com"}', 422),
+        # 253 characters, 285 once lower-cased: past the column, yet the pattern matches.
+        ('{"name": "n", "email": "' + "\u0130" * 32 + "@" + "a" * 189 + "." + "b" * 30 + '"}', 422),
+    ],
+    ids=["nested", "surrogate-name", "surrogate-email", "longer-after-lower"],
+)
+def test_hostile_bodies_get_json_4xx_never_500(
+    service: dict[str, str], body: str, status: int
+) -> None:
+    """Issue 12: deeply nested JSON (a RecursionError), a lone surrogate in ``name`` or
+    ``email``, and an e-mail that grows past its column when lower-cased (U+0130) each
+    answered 500. They are JSON 4xx now."""
+    resp = requests.post(
+        f"{service['base']}/users",
+        data=body.encode("utf-8"),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == status, resp.text[:200]
+    assert resp.headers["Content-Type"].startswith("application/json")
+
+
 def test_errors_are_json_and_never_leak_the_key(service: dict[str, str]) -> None:
     base = service["base"]
     secret = "oc_" + "S" * 40
