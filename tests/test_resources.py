@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -145,4 +146,36 @@ def test_a_commit_waits_on_a_frozen_redis_at_most_once(server: PrivateRedis, Ses
     cache._core.guard.breaker.success()  # skip the 30 s cooldown: Redis is back
     assert name_of("key-1-secret") == "n5"
     cache.detach(Session)
+    cache.close()
+
+
+def test_stale_refreshes_run_on_a_bounded_pool(server: PrivateRedis) -> None:
+    """Issue 12: ``stale_ttl`` started one thread per stale key (2000 stale hits made
+    2001 threads). Refreshes now run on a small pool, and stale values are still served
+    at once and refreshed."""
+    from ormcache.readpath import REFRESH_WORKERS
+
+    cache = Cache(server.url, namespace=f"stale-{uuid.uuid4().hex[:8]}")
+    version = {"n": 0}
+
+    @cache.memoize(ttl=0.3, stale_ttl=60)
+    def slow(i: int) -> tuple[int, int]:
+        time.sleep(0.02)
+        return i, version["n"]
+
+    n = 300
+    assert [slow(i) for i in range(n)] == [(i, 0) for i in range(n)]
+    version["n"] = 1
+    time.sleep(0.4)
+    before = threading.active_count()
+    peak = before
+    for i in range(n):
+        assert slow(i)[0] == i
+        peak = max(peak, threading.active_count())
+    assert cache.stats().stale_hits >= n // 2
+    assert peak <= before + REFRESH_WORKERS, f"{peak - before} threads started"
+    deadline = time.monotonic() + 20
+    while slow(0) != (0, 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow(0) == (0, 1), "the stale entry was refreshed"
     cache.close()

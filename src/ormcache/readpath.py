@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .aio import greenlet_spawn, in_bridge, pause, wait_for
@@ -63,6 +65,9 @@ T = TypeVar("T")
 # stale-while-revalidate and early refresh need, in 17 bytes. A signed entry (a cache
 # with a secret) has its own tag, and its MAC follows the header (see ormcache.signing).
 _META = struct.Struct(">cdd")
+#: Threads refreshing stale entries (``stale_ttl``), and refreshes pending at most.
+REFRESH_WORKERS = 4
+REFRESH_PENDING = 256
 _META_TAG = b"m"
 _SIGNED_TAG = b"s"
 
@@ -125,6 +130,9 @@ class ReadPath:
         self._warned: set[str] = set()
         # Background refresh tasks, kept referenced until done (loops hold tasks weakly).
         self._tasks: set[object] = set()
+        # Keys being refreshed in the background, and the pool (with its pid) doing it.
+        self._refreshing: set[str] = set()
+        self._pool: tuple[ThreadPoolExecutor | None, int] = (None, 0)
 
     # -- entry point -----------------------------------------------------------------
     def run(
@@ -413,9 +421,16 @@ class ReadPath:
             flight.set()
 
     def _refresh_in_background(self, recipe: Recipe[Any], key: str, call: Any) -> None:
+        """Refresh a stale entry without making the caller wait: on a small pool of
+        worker threads (or the caller's event loop), at most one refresh per key and
+        ``REFRESH_PENDING`` in all. Past that, the stale value is served as is and a later
+        hit asks again: 2000 stale keys once made 2000 threads."""
         with self._flights_lock:
-            if key in self._flights:
+            if key in self._flights or key in self._refreshing:
                 return
+            if len(self._refreshing) >= REFRESH_PENDING:
+                return
+            self._refreshing.add(key)
         if in_bridge():
             # An async caller: the refresh is a task of its event loop, like the call
             # itself, never a thread (which has no loop to await on).
@@ -427,10 +442,20 @@ class ReadPath:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        thread = threading.Thread(
-            target=self._refresh, args=(recipe, key, call), name="ormcache-refresh", daemon=True
-        )
-        thread.start()
+        self._refresh_pool().submit(self._refresh, recipe, key, call)
+
+    def _refresh_pool(self) -> ThreadPoolExecutor:
+        pool, pid = self._pool
+        if pool is None or pid != os.getpid():
+            # A forked child inherits the pool object but none of its threads.
+            with self._flights_lock:
+                pool, pid = self._pool
+                if pool is None or pid != os.getpid():
+                    pool = ThreadPoolExecutor(
+                        REFRESH_WORKERS, thread_name_prefix="ormcache-refresh"
+                    )
+                    self._pool = (pool, os.getpid())
+        return pool
 
     def _refresh(self, recipe: Recipe[Any], key: str, call: Any) -> None:
         token = begin_call()
@@ -440,6 +465,8 @@ class ReadPath:
             logger.warning("ormcache: background refresh of %s failed", recipe.name, exc_info=True)
         finally:
             end_call(token)
+            with self._flights_lock:
+                self._refreshing.discard(key)
 
 
 def stale_instance(instances: Iterable[object], ctx: ReadContext) -> str | None:
