@@ -56,6 +56,8 @@ class Cache:
     :param breaker_threshold: consecutive backend failures that open the circuit breaker.
     :param breaker_cooldown: seconds the backend is skipped once the breaker is open.
     :param max_entries: size of the in-process LRU (``memory://`` only).
+    :param max_bytes: bytes of payload the in-process LRU holds at most (``memory://``
+        only); the least recently used entries go first.
     :param stampede_lock: concurrent misses on one key compute once (single-flight in the
         process, a backend lock across processes).
     :param lock_wait: seconds a waiter waits for another's computation before computing.
@@ -78,6 +80,7 @@ class Cache:
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
         stampede_lock: bool = True,
         lock_wait: float = 5.0,
         lock_ttl: float = 30.0,
@@ -95,6 +98,7 @@ class Cache:
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
             max_entries=max_entries,
+            max_bytes=max_bytes,
             stampede_lock=stampede_lock,
             lock_wait=lock_wait,
             lock_ttl=lock_ttl,

@@ -49,6 +49,7 @@ class Settings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 5.0
     max_entries: int = 10_000
+    max_bytes: int = 64 * 2**20
     stampede_lock: bool = True
     lock_wait: float = 5.0
     lock_ttl: float = 30.0
@@ -181,7 +182,7 @@ class Core:
         url = settings.resolved_url
         options: dict[str, Any]
         if url.startswith("memory"):
-            options = {"max_entries": settings.max_entries}
+            options = {"max_entries": settings.max_entries, "max_bytes": settings.max_bytes}
         else:
             options = {
                 "socket_timeout": settings.socket_timeout,

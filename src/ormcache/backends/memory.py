@@ -35,11 +35,16 @@ class MemoryBackend:
         namespace: str = "",
         *,
         max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
         max_tags: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.namespace = namespace
         self.max_entries = max_entries
+        #: Payload bytes held at most: counting entries alone let 3000 entries of 100 KB
+        #: grow the process by 288 MB.
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self.max_tags = max_tags
         self._clock = clock
         self._lock = threading.Lock()
@@ -57,6 +62,11 @@ class MemoryBackend:
             if len(self._gens) > self.max_tags:
                 self._gens.popitem(last=False)
         return gen
+
+    def _drop(self, key: str) -> None:
+        stored = self._entries.pop(key, None)
+        if stored is not None:
+            self._bytes -= len(stored[1].payload)
 
     def _leased(self, tags: Sequence[str], now: float) -> bool:
         for tag in tags:
@@ -87,10 +97,10 @@ class MemoryBackend:
                 return None
             expires, entry = stored
             if expires is not None and expires <= self._clock():
-                del self._entries[key]
+                self._drop(key)
                 return None
             if tuple(map(self._gens.get, entry.tags)) != entry.gens:
-                del self._entries[key]
+                self._drop(key)
                 return None
             self._entries.move_to_end(key)
             return entry
@@ -114,16 +124,21 @@ class MemoryBackend:
                 return False
             expires = None if ttl is None else now + ttl
             entry = Entry(bytes(payload), snapshot.tags, tuple(snapshot.gens))
+            if len(entry.payload) > self.max_bytes:
+                self._drop(key)  # it could never fit: the value goes uncached
+                return False
+            self._drop(key)
             self._entries[key] = (expires, entry)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += len(entry.payload)
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self._bytes -= len(old.payload)
             return True
 
     def delete(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
-                self._entries.pop(key, None)
+                self._drop(key)
 
     def bump(self, tags: Sequence[str]) -> None:
         with self._lock:
@@ -167,6 +182,7 @@ class MemoryBackend:
         with self._lock:
             # Leases survive: a writer mid-commit must still block stores on its tags.
             self._entries.clear()
+            self._bytes = 0
             self._gens.clear()
 
     def close(self) -> None:
