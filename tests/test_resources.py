@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache
@@ -206,4 +206,46 @@ def test_the_memory_backend_is_bounded_in_bytes() -> None:
     hits = cache.stats().hits
     assert blob(1499)[0] == 1499 % 256
     assert cache.stats().hits == hits + 1
+    cache.close()
+
+
+def test_generation_keys_live_about_as_long_as_their_entries(
+    server: PrivateRedis, Session: Any
+) -> None:
+    """Issue 12: a generation key per distinct lookup lived 24 h while its entry lived
+    30 s (3000 random bearer tokens left 3000 keys, about 5 GB a day at the service's
+    rate). A store now makes its generations outlive the entry by ``generation_ttl``,
+    a new generation lives ``generation_ttl``, and the namespace generation, extended
+    by every store, never expires under a cache in use."""
+    namespace = f"gens-{uuid.uuid4().hex[:8]}"
+    cache = Cache(server.url, namespace=namespace, generation_ttl=1.0)
+    cache.attach(Session)
+    client = server.client()
+    Session_ = Session
+
+    @cache.memoize(ttl=1.0)
+    def lookup(token: str) -> str | None:
+        with Session_() as s:
+            user = s.get(User, 1)
+            assert user is not None
+            return None if token != "key-0-secret" else user.name
+
+    @cache.memoize(ttl=60)
+    def long_lived(token: str) -> int:
+        with Session_() as s:
+            return len(s.scalars(select(User).where(User.api_key_hash == key_hash(token))).all())
+
+    assert long_lived("key-0-secret") == 1
+    for i in range(200):
+        lookup(f"random-{i}")
+        long_lived(f"random-{i}")
+    gens = list(client.scan_iter(match=f"{namespace}:g:*", count=1000))
+    assert len(gens) > 200
+    ttls = [client.pttl(name) for name in gens]
+    assert all(0 < ms <= 61_000 for ms in ttls), sorted(ttls)[-3:]
+    time.sleep(2.5)  # past the short entries and their generations' margin
+    hits = cache.stats().hits
+    assert long_lived("key-0-secret") == 1  # its generations were kept for it
+    assert cache.stats().hits == hits + 1
+    cache.detach(Session)
     cache.close()

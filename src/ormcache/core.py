@@ -50,6 +50,7 @@ class Settings:
     breaker_cooldown: float = 5.0
     max_entries: int = 10_000
     max_bytes: int = 64 * 2**20
+    generation_ttl: float = 60.0
     stampede_lock: bool = True
     lock_wait: float = 5.0
     lock_ttl: float = 30.0
@@ -65,6 +66,10 @@ class Settings:
             raise ConfigurationError(
                 "default_ttl must be positive seconds or None (no expiry), "
                 f"got {self.default_ttl!r}"
+            )
+        if float(self.generation_ttl) <= 0:
+            raise ConfigurationError(
+                f"generation_ttl must be positive seconds, got {self.generation_ttl!r}"
             )
         if float(self.lease_ttl) <= 0:
             raise ConfigurationError(f"lease_ttl must be positive seconds, got {self.lease_ttl!r}")
@@ -187,6 +192,7 @@ class Core:
             options = {
                 "socket_timeout": settings.socket_timeout,
                 "connect_timeout": settings.connect_timeout,
+                "generation_ttl": float(settings.generation_ttl),
             }
         return create_backend(url, settings.namespace, **options)
 

@@ -37,6 +37,7 @@ from ormcache.errors import ConfigurationError
 from .core import (
     ACQUIRE,
     BUMP,
+    GENERATION_TTL,
     RELEASE,
     SNAPSHOT,
     Endpoint,
@@ -45,6 +46,7 @@ from .core import (
     frame_entry,
     fresh_generation,
     is_current,
+    keep_ms,
     lua,
     no_retry,
     parse_entry,
@@ -71,7 +73,7 @@ class RedisClusterBackend(RedisCore):
         client: RedisCluster | Callable[[], Any],
         namespace: str,
         *,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         where: str = "Redis Cluster",
     ) -> None:
         if "{" in namespace or "}" in namespace:
@@ -239,7 +241,8 @@ class RedisClusterBackend(RedisCore):
         if value is None:
             return False
         gens = dict(zip(snapshot.tags, snapshot.gens))
-        checks = self._per_tag("set", CHECK, snapshot.tags, lambda t: [gens[t]])
+        keep = keep_ms(ttl, self._gen_ttl)
+        checks = self._per_tag("set", CHECK, snapshot.tags, lambda t: [gens[t], keep])
         if not all(checks):
             return False
         px = None if ttl is None else max(1, int(ttl * 1000))

@@ -35,6 +35,7 @@ from .errors import run_redis
 __all__ = [
     "ACQUIRE",
     "BUMP",
+    "GENERATION_TTL",
     "RELEASE",
     "SNAPSHOT",
     "Endpoint",
@@ -44,6 +45,7 @@ __all__ = [
     "frame_entry",
     "fresh_generation",
     "is_current",
+    "keep_ms",
     "lua",
     "no_retry",
     "parse_entry",
@@ -56,6 +58,11 @@ T = TypeVar("T")
 B = TypeVar("B", bound="RedisCore")
 
 ENTRY_MAGIC = b"OCE1"
+#: Seconds a generation lives when no stored entry needs it (created by a snapshot or a
+#: bump): long enough for a computation between its snapshot and its store (one that
+#: takes longer only loses its store). A store extends its tags' generations to outlive
+#: the entry by this much, so a generation never outlives what needs it by much more.
+GENERATION_TTL = 60.0
 MAX_HEADER = 65535
 
 
@@ -111,6 +118,13 @@ def unframed(value: Any) -> Entry | None:
     entry: ``None`` when there is none, :data:`~ormcache.backends.base.UNREADABLE` when
     there is something else there, so that the read path deletes it as corrupt."""
     return None if value is None else UNREADABLE
+
+
+def keep_ms(ttl: float | None, generation_ttl: float) -> int:
+    """How long a stored entry's generations must live at least, in ms: the entry's TTL
+    plus the generation TTL; 0 for an entry without a TTL (its generations then persist:
+    such an entry lives until a bump or an eviction)."""
+    return 0 if ttl is None else max(1, int((ttl + generation_ttl) * 1000))
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -193,6 +207,7 @@ class RedisCore:
         self.namespace = namespace
         self.where = where
         self._gen_ttl_ms = str(int(generation_ttl * 1000))
+        self._gen_ttl = generation_ttl
         self._e = f"{namespace}:e:"
         self._k = f"{namespace}:k:"
         self._known = KnownTags()
@@ -218,7 +233,7 @@ class RedisCore:
         *,
         socket_timeout: float = 0.25,
         connect_timeout: float = 0.25,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         **options: Any,
     ) -> B:
         """The backend for ``url``; ``options`` go to the redis-py client. On an event

@@ -25,6 +25,7 @@ from ormcache.errors import ConfigurationError
 from .core import (
     ACQUIRE,
     BUMP,
+    GENERATION_TTL,
     RELEASE,
     SNAPSHOT,
     Endpoint,
@@ -33,6 +34,7 @@ from .core import (
     frame_entry,
     fresh_generation,
     is_current,
+    keep_ms,
     lua,
     no_retry,
     parse_entry,
@@ -63,7 +65,7 @@ class RedisBackend(RedisCore):
         client: redis.Redis,
         namespace: str,
         *,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         where: str = "Redis",
     ) -> None:
         super().__init__(client, namespace, generation_ttl=generation_ttl, where=where)
@@ -193,7 +195,8 @@ class RedisBackend(RedisCore):
             return False
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         keys = [self._e + key, *self._gen_keys(snapshot.tags), *self._lease_keys(snapshot.tags)]
-        args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
+        keep = keep_ms(ttl, self._gen_ttl)
+        args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), keep, *snapshot.gens]
         stored = bool(self._run("set", lambda: self._set(keys=keys, args=args)))
         if stored:
             self._known.learn(key, snapshot.tags)
