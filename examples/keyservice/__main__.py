@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
-import subprocess
 import sys
 
 import click
@@ -92,7 +91,11 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',
         "examples.keyservice:create_app()",
     ]
-    sys.exit(subprocess.call(cmd, env=env))  # noqa: S603 - fixed argv, no shell
+    sys.stdout.flush()
+    # gunicorn replaces this process, so a signal to it (SIGTERM from a supervisor, a
+    # test, Ctrl-C) reaches gunicorn's master, which stops its workers: a child would be
+    # left running when only this parent is stopped.
+    os.execve(sys.executable, cmd, env)  # noqa: S606 - fixed argv, no shell
 
 
 @cli.command()

@@ -4,6 +4,7 @@ every worker process."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import uuid
@@ -281,3 +282,52 @@ def test_serve_signs_on_redis_and_never_prints_the_password(tmp_path: Path) -> N
     assert line.startswith("serving on ")
     assert "hunter2" not in line
     assert "signed with a secret made for this launch" in line
+
+
+def test_demo_stopped_with_sigterm_leaves_no_server_running(tmp_path: Path) -> None:
+    """Issue 12: ``python -m examples.keyservice demo`` stopped with SIGTERM left
+    gunicorn running (it was a child of the stopped process). gunicorn now replaces the
+    process, so the signal stops it and its workers."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from examples.keyservice.launch import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORMCACHE_URL", "DATABASE_URL")}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path}/demo.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.keyservice", "demo", "--users", "2", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the demo did not come up"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the process we started, nothing else
+        proc.wait(timeout=15)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            except requests.ConnectionError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server still answers after SIGTERM")
+    finally:
+        # Whatever is left of the demo's process group (gunicorn workers, if any).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
