@@ -97,7 +97,7 @@ class TestRedisBackend(BackendContract):
             b"\x80\x04pickle",
         ]:
             assert backend.set("g", b"v", 60, snap)
-            assert backend.get("g") == b"v"
+            assert backend.get("g").payload == b"v"
             backend.client.set(f"{backend.namespace}:e:g", garbage)
             assert backend.get("g") == UNREADABLE  # the MGET path: the tags are known
             backend._known.clear()
@@ -111,7 +111,7 @@ class TestRedisBackend(BackendContract):
         assert backend.set("k", b"v", 60, snap)
         backend._known.clear()  # force the script path
         backend.client.script_flush()
-        assert backend.get("k") == b"v"
+        assert backend.get("k").payload == b"v"
 
     def test_reads_use_one_connection_per_thread(self, backend: RedisBackend) -> None:
         """Hits run on a per-thread connection: threads never share a socket."""
@@ -122,7 +122,7 @@ class TestRedisBackend(BackendContract):
 
         def read(n: int) -> None:
             for _ in range(200):
-                assert backend.get("k") == b"v"
+                assert backend.get("k").payload == b"v"
             conn = backend._lane.conn
             assert conn is not None
             seen.append(id(conn))
@@ -136,15 +136,15 @@ class TestRedisBackend(BackendContract):
         snap = backend.snapshot(["t:a"])
         assert snap is not None
         assert backend.set("k", b"v", 60, snap)
-        assert backend.get("k") == b"v"
+        assert backend.get("k").payload == b"v"
         parent_conn = backend._lane.conn
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
-            ok = all(backend.get("k") == b"v" for _ in range(50))
+            ok = all(backend.get("k").payload == b"v" for _ in range(50))
             ok = ok and backend._lane.conn is not parent_conn
             os._exit(0 if ok else 1)
         for _ in range(50):
-            assert backend.get("k") == b"v"
+            assert backend.get("k").payload == b"v"
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert backend._lane.conn is parent_conn
@@ -165,8 +165,8 @@ def test_managed_pools_keep_reads_on_the_pool(redis_url: str, namespace: str) ->
         assert snap is not None
         assert backend.set("k", b"v", 60, snap)
         backend._known.clear()
-        assert backend.get("k") == b"v"  # the Lua path
-        assert backend.get("k") == b"v"  # the MGET path
+        assert backend.get("k").payload == b"v"  # the Lua path
+        assert backend.get("k").payload == b"v"  # the MGET path
         assert backend._lane.conn is None
     finally:
         backend.clear()

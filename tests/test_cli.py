@@ -176,3 +176,26 @@ def test_an_unknown_table_is_refused_and_nothing_is_bumped(
     forced = run(*base, "oc_users", "--no-check", env={"DATABASE_URL": ""})
     assert forced.exit_code == 0, forced.output
     assert name_of(keys[0]) == "changed-user0"
+
+
+def test_ping_fails_when_a_command_the_cache_needs_is_refused(tmp_path: Path) -> None:
+    """Issue 12: an ACL user without ``TIME`` silently disabled caching (every snapshot
+    and store failed), while ``ormcache ping`` said ok. ping now runs each protocol step
+    once and names the one that fails."""
+    from tests.redis_procs import PrivateRedis
+
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    try:
+        client = server.client()
+        client.execute_command("ACL", "SETUSER", "notime", "on", ">pw", "~*", "+@all", "-time")
+        client.close()
+        url = f"redis://notime:pw@127.0.0.1:{server.port}/0"
+        result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
+        assert result.exit_code != 0, result.output
+        assert "snapshot step" in result.output
+        assert "pw@" not in result.output
+        ok = run("--url", server.url, "--namespace", "acl", "ping", "-n", "1")
+        assert ok.exit_code == 0, ok.output
+    finally:
+        server.kill()

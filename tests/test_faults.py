@@ -265,8 +265,9 @@ def test_old_codec_version_is_a_miss(cache: Cache) -> None:
     key = f.cache_key()
     snap = cache.backend.snapshot(["*"])
     assert snap is not None
-    good = cache.backend.get(key)
-    assert good is not None
+    entry = cache.backend.get(key)
+    assert entry is not None
+    good = entry.payload
     old = good[:17] + b"OC\x00" + good[20:]  # version byte 0
     assert cache.backend.set(key, old, 60, snap)
     assert f() == 2

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ormcache.backends.base import Snapshot
+from ormcache.backends.base import Entry, Snapshot
 from ormcache.backends.memory import MemoryBackend
 from ormcache.breaker import CircuitBreaker
 from ormcache.errors import BackendError
@@ -56,7 +56,7 @@ class FlakyBackend:
     def ops(self) -> list[str]:
         return [op for op, _ in self.calls]
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         self._enter("get", key)
         return self.real.get(key)
 
@@ -150,7 +150,7 @@ def rig() -> Rig:
 def test_healthy_backend_round_trip_and_counts(rig: Rig) -> None:
     """Nothing owed: stores and hits go through, and the outcome of each store is counted."""
     rig.store("k", b"v", ["t:users"])
-    assert rig.guard.get("k") == b"v"
+    assert rig.guard.get("k").payload == b"v"
     stale = rig.guard.snapshot(["t:users"])
     rig.guard.bump(["t:users"])
     assert rig.guard.store("k2", b"old", 60, stale) is False
@@ -173,7 +173,8 @@ def test_backend_errors_never_raise_and_are_counted(rig: Rig) -> None:
     rig.guard.acquire_lease(["t:users"], "w", 5)
     rig.guard.release_lease(["t:users"], "w")
     rig.guard.clear()
-    assert rig.stats.snapshot().errors >= 10
+    # Every call but the release, owed untried: its lease had just failed.
+    assert rig.stats.snapshot().errors >= 9
 
 
 def test_a_failed_bump_is_owed_and_hits_are_refused_until_it_is_paid(rig: Rig) -> None:
@@ -183,7 +184,7 @@ def test_a_failed_bump_is_owed_and_hits_are_refused_until_it_is_paid(rig: Rig) -
     rig.store("orders", b"o", ["t:orders"])
     rig.backend.failing.add("bump")
     rig.guard.bump(["t:users"])
-    assert rig.backend.real.get("users") == b"u", "the bump did not reach the backend"
+    assert rig.backend.real.get("users").payload == b"u", "the bump did not reach the backend"
     # The backend answers gets, but the debt cannot be paid: no hit, not even one on
     # another tag, and no read of the entry at all.
     rig.backend.calls.clear()
@@ -193,7 +194,7 @@ def test_a_failed_bump_is_owed_and_hits_are_refused_until_it_is_paid(rig: Rig) -
     assert rig.guard.snapshot(["t:orders"]) is None, "nor a snapshot to store against"
 
     rig.heal()
-    assert rig.guard.get("orders") == b"o"
+    assert rig.guard.get("orders").payload == b"o"
     assert rig.backend.calls[0] == ("bump", (("t:users",),)), "the debt is paid first"
     assert rig.guard.get("users") is None, "the owed bump invalidated the entry"
     rig.backend.calls.clear()
@@ -300,9 +301,10 @@ def test_owed_releases_are_bounded_and_the_oldest_are_dropped(rig: Rig) -> None:
     paid = owed_payments(rig, "release_lease", owe, n)
     assert 0 < len(paid) < n
     assert paid == list(range(n - len(paid), n)), "the newest are kept, in order"
-    # Every tag is still bumped: a dropped release only leaves a lease to expire.
+    # Every tag is still bumped (a dropped release only leaves a lease to expire): the
+    # debt, past MAX_TAGS, collapsed into the namespace tag, which every entry records.
     bumped = {tag for op, args in rig.backend.calls if op == "bump" for tag in args[0]}
-    assert bumped == {f"t:{i}" for i in range(n)}
+    assert NAMESPACE_TAG in bumped
 
 
 @pytest.mark.parametrize(
@@ -341,7 +343,7 @@ def test_a_failed_clear_owes_the_whole_namespace(rig: Rig) -> None:
     rig.store("k", b"v", [NAMESPACE_TAG, "t:users"])
     rig.backend.failing.add("clear")
     rig.guard.clear()
-    assert rig.backend.real.get("k") == b"v", "the clear did not happen"
+    assert rig.backend.real.get("k").payload == b"v", "the clear did not happen"
     rig.heal()
     assert rig.guard.get("k") is None
     assert rig.backend.calls[0] == ("bump", ((NAMESPACE_TAG,),))
@@ -376,9 +378,9 @@ def test_open_breaker_skips_the_backend_until_the_cooldown_then_one_probe() -> N
     assert rig.stats.snapshot().bypasses == 2
 
     rig.clock.advance(COOLDOWN)
-    assert rig.guard.get("k") == b"v", "the probe succeeds"
+    assert rig.guard.get("k").payload == b"v", "the probe succeeds"
     assert not rig.breaker.is_open
-    assert rig.guard.get("k") == b"v"
+    assert rig.guard.get("k").payload == b"v"
 
 
 def test_debts_are_paid_by_the_probe_after_the_cooldown() -> None:
@@ -396,7 +398,7 @@ def test_debts_are_paid_by_the_probe_after_the_cooldown() -> None:
     assert rig.backend.calls == []
 
     rig.clock.advance(COOLDOWN)
-    assert rig.guard.get("orders") == b"o"
+    assert rig.guard.get("orders").payload == b"o"
     assert rig.backend.ops() == ["bump", "get"]
     assert rig.guard.get("users") is None
 
@@ -411,7 +413,7 @@ def test_a_failed_payment_keeps_the_debt_and_counts_toward_the_breaker() -> None
     assert rig.breaker.is_open
     rig.heal()
     rig.clock.advance(COOLDOWN)
-    assert rig.guard.get("orders") == b"o"
+    assert rig.guard.get("orders").payload == b"o"
     assert rig.backend.calls[0] == ("bump", (("t:users",),))
 
 

@@ -157,7 +157,7 @@ class TestClusterBackend(BackendContract):
         snap = backend.snapshot(["t:a"])
         assert snap is not None
         assert backend.set("k", b"one", 60, snap)
-        assert backend.get("k") == b"one"
+        assert backend.get("k").payload == b"one"
         other = RedisClusterBackend(backend.client, backend.namespace)
         snap = other.snapshot(["t:b"])
         assert snap is not None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
+import secrets
 import sys
 
 import click
+
+from ormcache.backends.base import redact_url
 
 from .models import ApiKey, User, hash_api_key, new_api_key
 
@@ -60,7 +62,18 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         )
     if importlib.util.find_spec("gunicorn") is None:
         raise click.ClickException("gunicorn is not installed: pip install 'ormcache[all]'")
-    click.echo(f"serving on http://{host}:{port} (workers={workers}, cache={url.split('@')[-1]})")
+    env = dict(os.environ)
+    signed = "signed"
+    if not env.get("ORMCACHE_SECRET"):
+        if url.startswith("memory"):
+            signed = "unsigned: in-process, nobody else can write to it"
+        else:
+            # Never unsigned on a shared Redis: a secret for this launch, shared by its
+            # workers. Set ORMCACHE_SECRET to share entries across hosts and restarts.
+            env["ORMCACHE_SECRET"] = secrets.token_urlsafe(32)
+            signed = "signed with a secret made for this launch; set ORMCACHE_SECRET"
+    where = redact_url(url)
+    click.echo(f"serving on http://{host}:{port} (workers={workers}, cache={where}, {signed})")
     cmd = [
         sys.executable,
         "-m",
@@ -78,7 +91,11 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',
         "examples.keyservice:create_app()",
     ]
-    sys.exit(subprocess.call(cmd))  # noqa: S603 - fixed argv, no shell
+    sys.stdout.flush()
+    # gunicorn replaces this process, so a signal to it (SIGTERM from a supervisor, a
+    # test, Ctrl-C) reaches gunicorn's master, which stops its workers: a child would be
+    # left running when only this parent is stopped.
+    os.execve(sys.executable, cmd, env)  # noqa: S606 - fixed argv, no shell
 
 
 @cli.command()

@@ -46,7 +46,12 @@ def _json_body() -> dict[str, Any]:
         raise ApiError(
             415, "unsupported_media_type", "send a JSON body with Content-Type: application/json"
         )
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except (RecursionError, ValueError):
+        # Nested deeper than the parser's recursion limit, or not text at all: silent=True
+        # only covers what Flask itself turns into a 400.
+        body = None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return body
@@ -61,6 +66,10 @@ def _string(body: dict[str, Any], name: str, *, max_len: int) -> str:
         raise ApiError(422, "invalid", f"'{name}' must be at most {max_len} characters")
     if "\x00" in value:
         raise ApiError(422, "invalid", f"'{name}' must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it
+        raise ApiError(422, "invalid", f"'{name}' must be valid Unicode text") from None
     return value
 
 
@@ -84,6 +93,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ORMCACHE_NAMESPACE=os.environ.get("ORMCACHE_NAMESPACE", "keyservice"),
         ORMCACHE_DEFAULT_TTL=300,
         ORMCACHE_STRICT=os.environ.get("ORMCACHE_STRICT", "false"),
+        # Signs every cached entry (see the README): without it, whoever can write to
+        # Redis can plant an entry that authenticates a made-up key.
+        ORMCACHE_SECRET=os.environ.get("ORMCACHE_SECRET") or None,
         KEYSERVICE_NEGATIVE_TTL=float(os.environ.get("KEYSERVICE_NEGATIVE_TTL", "30")),
     )
     if config:
@@ -92,7 +104,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if not url:
         Path(app.instance_path).mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{Path(app.instance_path) / 'keyservice.sqlite'}"
-    engine = create_engine(url, pool_pre_ping=True)
+    # hide_parameters: a database error's message (and so the log) never carries a
+    # statement's values, such as a key hash or an e-mail address.
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     Base.metadata.create_all(engine)
     # With gunicorn --preload this runs in the master: forked workers must not share its
     # pooled connections.
@@ -168,7 +182,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         body = _json_body()
         name = _string(body, "name", max_len=100)
         email = _string(body, "email", max_len=254).lower()
-        if not EMAIL_RE.match(email):
+        # Lower-casing may lengthen it (U+0130 becomes two characters): check again.
+        if len(email) > 254 or not EMAIL_RE.match(email):
             raise ApiError(422, "invalid", "'email' must be an e-mail address")
         raw = new_api_key()
         s = Session()

@@ -57,6 +57,10 @@ class Cache:
     :param breaker_threshold: consecutive backend failures that open the circuit breaker.
     :param breaker_cooldown: seconds the backend is skipped once the breaker is open.
     :param max_entries: size of the in-process LRU (``memory://`` only).
+    :param generation_ttl: seconds a generation key lives beyond the entries stored
+        against it (Redis only); also the longest computation whose result is stored.
+    :param max_bytes: bytes of payload the in-process LRU holds at most (``memory://``
+        only); the least recently used entries go first.
     :param stampede_lock: concurrent misses on one key compute once (single-flight in the
         process, a backend lock across processes).
     :param lock_wait: seconds a waiter waits for another's computation before computing.
@@ -79,6 +83,8 @@ class Cache:
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
+        generation_ttl: float = 60.0,
         stampede_lock: bool = True,
         lock_wait: float = 5.0,
         lock_ttl: float = 30.0,
@@ -96,6 +102,8 @@ class Cache:
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
             max_entries=max_entries,
+            max_bytes=max_bytes,
+            generation_ttl=generation_ttl,
             stampede_lock=stampede_lock,
             lock_wait=lock_wait,
             lock_ttl=lock_ttl,

@@ -49,6 +49,37 @@ def _fail(what: str, exc: BackendError) -> None:
     raise click.ClickException(f"{what} failed: {exc}")
 
 
+def _exercise(backend: Backend) -> None:
+    """Run each protocol step once on a tag and a key of the ping's own, so a server
+    that refuses a command the cache needs (an ACL user without ``TIME`` or ``EVAL``, a
+    read-only replica) fails here rather than silently disabling caching. Raises
+    BackendError naming the step; entries of the application are untouched."""
+    tag, key, token = "ormcache-cli:ping", "ormcache-cli-ping", "ormcache-cli-ping"
+    step = "snapshot"
+    try:
+        snap = backend.snapshot([tag])
+        if snap is None:
+            raise BackendError("the ping's own tag is leased; run ping again")
+        step = "store"
+        if not backend.set(key, b"ping", 10.0, snap):
+            raise BackendError("a store against a fresh snapshot was refused")
+        step = "read"
+        if backend.get(key) is None:
+            raise BackendError("an entry just stored could not be read back")
+        step = "lock"
+        backend.lock(key, token, 10.0)
+        backend.unlock(key, token)
+        step = "lease"
+        backend.acquire_lease([tag], token, 10.0)
+        backend.release_lease([tag], token)
+        step = "bump"
+        backend.bump([tag])
+        step = "delete"
+        backend.delete([key])
+    except BackendError as exc:
+        raise BackendError(f"the {step} step: {exc}") from exc
+
+
 def _check_tables(names: tuple[str, ...], database_url: str | None) -> None:
     """Refuse table names the database does not have: a typo would otherwise "invalidate"
     nothing, exit 0, and leave the entries it meant to drop in service."""
@@ -109,9 +140,11 @@ def _build() -> Any:
     @click.option("-n", "--count", default=5, show_default=True, help="round trips to time")
     @click.pass_context
     def ping(ctx: Any, count: int) -> None:
-        """Check that the backend answers, and time a hit's round trip."""
+        """Check that the backend answers every step the cache uses, and time a hit's
+        round trip."""
         backend = _backend(ctx)
         try:
+            _exercise(backend)
             times = []
             for _ in range(max(1, count)):
                 start = time.perf_counter()

@@ -24,6 +24,7 @@ from .breaker import CircuitBreaker
 from .codec import Codec
 from .errors import ConfigurationError
 from .guard import Guard
+from .signing import Signer
 from .sqla.catalog import Declarations
 from .stats import Stats
 
@@ -49,6 +50,8 @@ class Settings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 5.0
     max_entries: int = 10_000
+    max_bytes: int = 64 * 2**20
+    generation_ttl: float = 60.0
     stampede_lock: bool = True
     lock_wait: float = 5.0
     lock_ttl: float = 30.0
@@ -64,6 +67,10 @@ class Settings:
             raise ConfigurationError(
                 "default_ttl must be positive seconds or None (no expiry), "
                 f"got {self.default_ttl!r}"
+            )
+        if float(self.generation_ttl) <= 0:
+            raise ConfigurationError(
+                f"generation_ttl must be positive seconds, got {self.generation_ttl!r}"
             )
         if float(self.lease_ttl) <= 0:
             raise ConfigurationError(f"lease_ttl must be positive seconds, got {self.lease_ttl!r}")
@@ -119,6 +126,8 @@ class Core:
         #: routines); read by the write path, kept across reconfiguration.
         self.declared = Declarations()
         self.codec = self._codec(settings, None)
+        #: Signs and verifies whole entries when a secret is set (see ``signing``).
+        self.signer = self._signer(settings)
         self.backend = self._backend(settings)
         self.guard = self._guard(settings, self.backend)
         self._apply(settings)
@@ -158,10 +167,19 @@ class Core:
         self.lock_ttl = float(settings.lock_ttl)
 
     @staticmethod
-    def _codec(settings: Settings, old: Codec | None) -> Codec:
+    def _secret(settings: Settings) -> bytes | None:
         secret = settings.secret
-        key = secret.encode() if isinstance(secret, str) else secret
-        codec = Codec(secret=key or None)
+        return (secret.encode() if isinstance(secret, str) else secret) or None
+
+    @classmethod
+    def _signer(cls, settings: Settings) -> Signer | None:
+        key = cls._secret(settings)
+        return None if key is None else Signer(key, settings.namespace)
+
+    @classmethod
+    def _codec(cls, settings: Settings, old: Codec | None) -> Codec:
+        # Payloads are not signed on their own: the read path signs the whole entry.
+        codec = Codec(secret=cls._secret(settings), sign=False)
         if old is not None:
             codec.adopt_registrations(old)
         return codec
@@ -173,11 +191,12 @@ class Core:
         url = settings.resolved_url
         options: dict[str, Any]
         if url.startswith("memory"):
-            options = {"max_entries": settings.max_entries}
+            options = {"max_entries": settings.max_entries, "max_bytes": settings.max_bytes}
         else:
             options = {
                 "socket_timeout": settings.socket_timeout,
                 "connect_timeout": settings.connect_timeout,
+                "generation_ttl": float(settings.generation_ttl),
             }
         return create_backend(url, settings.namespace, **options)
 
@@ -207,6 +226,7 @@ class Core:
         if backend is old_backend:
             guard.owe_deletes(old_guard.owed_deletes())
         self.codec, self.backend, self.guard = codec, backend, guard
+        self.signer = self._signer(settings)
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()

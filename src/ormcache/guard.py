@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from .aio import in_bridge
-from .backends.base import Backend, Snapshot
+from .backends.base import Backend, Entry, Snapshot
 from .breaker import CircuitBreaker
 from .errors import BackendError
-from .protocol import NAMESPACE_TAG, call_failed, mark_call_failed
+from .protocol import MAX_TAGS, NAMESPACE_TAG, call_failed, collapse_tags, mark_call_failed
 from .stats import Stats
 
 __all__ = ["Guard", "RateLimitedLog"]
@@ -71,6 +71,8 @@ class Guard:
         # Tokens whose lease this process holds: only those are worth releasing later
         # (a lease that failed to be taken has nothing to release).
         self._held: set[str] = set()
+        # Tokens whose lease failed: their release is owed without waiting again.
+        self._unleased: set[str] = set()
         # Computation locks whose unlock failed (key -> token). Left alone, the next miss
         # on that key would wait lock_wait seconds for a holder that has moved on.
         self._owed_unlocks: dict[str, str] = {}
@@ -134,7 +136,7 @@ class Guard:
         return self._settle()
 
     # -- reads ------------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         # usable() inlined for the common case (no failure, breaker closed, nothing
         # owed): this runs on every hit.
         breaker = self.breaker
@@ -229,9 +231,17 @@ class Guard:
             return sorted(self._owed)
 
     def owe(self, tags: Sequence[str]) -> None:
-        """Remember bumps to deliver before this process serves another hit."""
+        """Remember bumps to deliver before this process serves another hit. The debt
+        stays bounded (see ``collapse_tags``), so paying it is one bounded bump."""
         with self._owed_lock:
             self._owed.update(tags)
+            if len(self._owed) > MAX_TAGS:
+                self._owed = set(collapse_tags(self._owed))
+
+    def _skip_write(self) -> bool:
+        """Whether a commit's lease, release or bump is owed without trying: the breaker
+        is open, so a commit does not wait on a dead or hung backend at all."""
+        return not self.breaker.allow()
 
     def owed_deletes(self) -> list[str]:
         """Entry keys whose delete this process still owes the backend."""
@@ -252,6 +262,10 @@ class Guard:
         if not tags:
             return True
         self.stats.incr("invalidations")
+        tags = collapse_tags(tags)
+        if self._skip_write():
+            self.owe(tags)
+            return False
         try:
             self._b().bump(tags)
         except BackendError as exc:
@@ -263,34 +277,58 @@ class Guard:
             # bump may not have happened, so it is owed, and the interruption goes on.
             self.owe(tags)
             raise
+        self.breaker.success()
         return True
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        tags = collapse_tags(tags)
+        if self._skip_write():
+            self.owe(tags)
+            self._note_unleased(token)
+            return
         try:
             self._b().acquire_lease(tags, token, ttl)
         except BackendError as exc:
             self._failed("lease", exc)
             self.owe(tags)
+            self._note_unleased(token)
             return
         except BaseException:
             self.owe(tags)  # interrupted: see bump()
             raise
+        self.breaker.success()
         with self._owed_lock:
             self._held.add(token)
 
     def release_lease(self, tags: Sequence[str], token: str) -> None:
         self.stats.incr("invalidations")
+        tags = collapse_tags(tags)
         with self._owed_lock:
             held = token in self._held
             self._held.discard(token)
+            unleased = token in self._unleased
+            self._unleased.discard(token)
+        if unleased or self._skip_write():
+            # Its lease already failed (the commit waited once) or the breaker is open:
+            # the bump is owed rather than waited for again.
+            self._owe_release(tags, token, held)
+            return
         try:
             self._b().release_lease(tags, token)
         except BackendError as exc:
             self._failed("release", exc)
             self._owe_release(tags, token, held)
+            return
         except BaseException:
             self._owe_release(tags, token, held)  # interrupted: see bump()
             raise
+        self.breaker.success()
+
+    def _note_unleased(self, token: str) -> None:
+        with self._owed_lock:
+            if len(self._unleased) >= _OWED_LIMIT:
+                self._unleased.clear()  # commits that never released: long gone
+            self._unleased.add(token)
 
     def _owe_release(self, tags: Sequence[str], token: str, held: bool) -> None:
         self.owe(tags)

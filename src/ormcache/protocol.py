@@ -30,6 +30,7 @@ __all__ = [
     "active_reads",
     "begin_call",
     "call_failed",
+    "collapse_tags",
     "end_call",
     "mark_call_failed",
     "next_seq",
@@ -40,6 +41,36 @@ __all__ = [
 #: Every entry depends on this tag, so ``clear()`` and DML whose tables cannot be known
 #: invalidate everything with one bump.
 NAMESPACE_TAG = "*"
+
+
+#: At most this many distinct tags go into one bump, lease or debt; more collapse.
+MAX_TAGS = 1000
+
+
+def collapse_tags(tags: Iterable[str], limit: int = MAX_TAGS) -> list[str]:
+    """``tags``, sorted, or a shorter list that invalidates at least as much.
+
+    A commit of 100k rows owes 200k partition tags; one bump of them all took longer
+    than the socket timeout, so it never completed. Past ``limit``, a partition tag
+    ``p:<table>:...`` becomes its table's ``t:`` and ``a:`` tags (every entry that read a
+    partition also recorded ``a:<table>``, every other read of the table ``t:<table>``);
+    still past ``limit``, the namespace tag alone (every entry records it). Deterministic,
+    so a lease and its release collapse to the same tags.
+    """
+    unique = set(tags)
+    if len(unique) <= limit:
+        return sorted(unique)
+    if NAMESPACE_TAG in unique:
+        return [NAMESPACE_TAG]
+    out: set[str] = set()
+    for tag in unique:
+        if tag.startswith("p:"):
+            table = tag.split(":", 2)[1]
+            out.add("t:" + table)
+            out.add("a:" + table)
+        else:
+            out.add(tag)
+    return sorted(out) if len(out) <= limit else [NAMESPACE_TAG]
 
 
 @dataclass(eq=False)

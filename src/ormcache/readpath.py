@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .aio import greenlet_spawn, in_bridge, pause, wait_for
@@ -60,9 +62,14 @@ logger = logging.getLogger("ormcache")
 T = TypeVar("T")
 
 # Every entry starts with (fresh until, seconds the computation took): what
-# stale-while-revalidate and early refresh need, in 17 bytes.
+# stale-while-revalidate and early refresh need, in 17 bytes. A signed entry (a cache
+# with a secret) has its own tag, and its MAC follows the header (see ormcache.signing).
 _META = struct.Struct(">cdd")
+#: Threads refreshing stale entries (``stale_ttl``), and refreshes pending at most.
+REFRESH_WORKERS = 4
+REFRESH_PENDING = 256
 _META_TAG = b"m"
+_SIGNED_TAG = b"s"
 
 
 class Recipe(Protocol[T]):
@@ -123,6 +130,9 @@ class ReadPath:
         self._warned: set[str] = set()
         # Background refresh tasks, kept referenced until done (loops hold tasks weakly).
         self._tasks: set[object] = set()
+        # Keys being refreshed in the background, and the pool (with its pid) doing it.
+        self._refreshing: set[str] = set()
+        self._pool: tuple[ThreadPoolExecutor | None, int] = (None, 0)
 
     # -- entry point -----------------------------------------------------------------
     def run(
@@ -205,21 +215,33 @@ class ReadPath:
 
     def _lookup(self, recipe: Recipe[T], key: str, call: Any) -> tuple[bool, Any]:
         core = self.core
-        data = core.guard.get(key)
-        if data is None:
+        entry = core.guard.get(key)
+        if entry is None:
             return False, None
+        signer = core.signer
         try:
+            if signer is None:
+                data = entry.payload
+                expected = _META_TAG
+            else:
+                # Before anything in the entry is trusted: the MAC covers this key, the
+                # generations the backend just checked, the header and the payload.
+                data = signer.verify(key, entry, _META.size)
+                expected = _SIGNED_TAG
             tag, fresh_until, took = _META.unpack_from(data)
-            if tag != _META_TAG:
-                raise CorruptPayloadError("entry without its header")
+            if tag != expected:
+                raise CorruptPayloadError("entry without its header, or signed differently")
         except (CorruptPayloadError, struct.error) as exc:
             return self._corrupt(recipe, key, exc)
         now = time.time()
         stale = now >= fresh_until
         if stale:
             # Past its TTL but kept for the stale window (entries a commit invalidated
-            # never get here: the backend already refused them).
-            if recipe.stale_ttl is None:
+            # never get here: the backend already refused them). The window is enforced
+            # here too, from the header: a backend that lost the entry's TTL (or a
+            # PERSIST by someone else) must not make it live forever.
+            stale_ttl = recipe.stale_ttl
+            if stale_ttl is None or now >= fresh_until + stale_ttl:
                 return False, None
         elif recipe.early_refresh and took > 0:
             # XFetch: recompute a little before expiry, more likely the closer it gets
@@ -324,8 +346,14 @@ class ReadPath:
         fresh_until = math.inf if ttl is None else time.time() + ttl
         if ttl is not None and recipe.stale_ttl is not None:
             ttl += recipe.stale_ttl
-        header = _META.pack(_META_TAG, fresh_until, took)
-        core.guard.store(key, header + payload, ttl, ctx.snapshot)
+        snap = ctx.snapshot
+        signer = core.signer
+        if signer is None:
+            data = _META.pack(_META_TAG, fresh_until, took) + payload
+        else:
+            header = _META.pack(_SIGNED_TAG, fresh_until, took)
+            data = signer.sign(key, snap.tags, snap.gens, header, payload)
+        core.guard.store(key, data, ttl, snap)
 
     def uncacheable(self, name: str, exc: UncacheableValueError, strict: bool) -> None:
         """Count a value that cannot be cached; raise in strict mode, else log once."""
@@ -400,9 +428,16 @@ class ReadPath:
             flight.set()
 
     def _refresh_in_background(self, recipe: Recipe[Any], key: str, call: Any) -> None:
+        """Refresh a stale entry without making the caller wait: on a small pool of
+        worker threads (or the caller's event loop), at most one refresh per key and
+        ``REFRESH_PENDING`` in all. Past that, the stale value is served as is and a later
+        hit asks again: 2000 stale keys once made 2000 threads."""
         with self._flights_lock:
-            if key in self._flights:
+            if key in self._flights or key in self._refreshing:
                 return
+            if len(self._refreshing) >= REFRESH_PENDING:
+                return
+            self._refreshing.add(key)
         if in_bridge():
             # An async caller: the refresh is a task of its event loop, like the call
             # itself, never a thread (which has no loop to await on).
@@ -414,10 +449,20 @@ class ReadPath:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        thread = threading.Thread(
-            target=self._refresh, args=(recipe, key, call), name="ormcache-refresh", daemon=True
-        )
-        thread.start()
+        self._refresh_pool().submit(self._refresh, recipe, key, call)
+
+    def _refresh_pool(self) -> ThreadPoolExecutor:
+        pool, pid = self._pool
+        if pool is None or pid != os.getpid():
+            # A forked child inherits the pool object but none of its threads.
+            with self._flights_lock:
+                pool, pid = self._pool
+                if pool is None or pid != os.getpid():
+                    pool = ThreadPoolExecutor(
+                        REFRESH_WORKERS, thread_name_prefix="ormcache-refresh"
+                    )
+                    self._pool = (pool, os.getpid())
+        return pool
 
     def _refresh(self, recipe: Recipe[Any], key: str, call: Any) -> None:
         token = begin_call()
@@ -427,6 +472,8 @@ class ReadPath:
             logger.warning("ormcache: background refresh of %s failed", recipe.name, exc_info=True)
         finally:
             end_call(token)
+            with self._flights_lock:
+                self._refreshing.discard(key)
 
 
 def stale_instance(instances: Iterable[object], ctx: ReadContext) -> str | None:

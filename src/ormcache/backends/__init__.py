@@ -6,9 +6,9 @@ from typing import Any
 
 from ormcache.errors import ConfigurationError
 
-from .base import Backend, Snapshot
+from .base import Backend, Entry, Snapshot
 
-__all__ = ["Backend", "Snapshot", "create_backend"]
+__all__ = ["Backend", "Entry", "Snapshot", "create_backend"]
 
 SCHEMES = ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
 

@@ -12,8 +12,11 @@ Redis, or under one lock in process memory.
 The guarantees every backend gives (``ormcache.testing`` checks them):
 
 * ``get`` returns a payload only while every generation recorded with the entry is still
-  current. A tag whose generation key vanished (eviction, FLUSHALL, restart) is re-created
-  with a fresh random value, so a vanished generation can never make an old entry valid.
+  current, together with those tags and generations (an :class:`Entry`): the read path
+  verifies a signed entry's MAC over exactly what the backend checked, so the backend
+  never needs the secret. A tag whose generation key vanished (eviction, FLUSHALL,
+  restart) is re-created with a fresh random value, so a vanished generation can never
+  make an old entry valid.
 * ``snapshot`` reads the current generations *before* the caller reads the database, and
   returns ``None`` while any of the tags is under a live write lease.
 * ``set`` is a compare-and-set: it stores only if every tag still has the snapshot's
@@ -32,17 +35,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["UNREADABLE", "Backend", "Snapshot", "redact_url"]
+__all__ = ["UNREADABLE", "Backend", "Entry", "Snapshot", "redact_url"]
+
+
+class Entry(NamedTuple):
+    """What ``get`` found: the payload, and the tags and generations it was checked
+    against (parallel tuples, as the entry recorded them at its store).
+
+    A generation is an int or its decimal ASCII bytes (Redis hands back the recorded
+    text; converting it on every hit would cost for nothing): ``int(g)`` is the same.
+    The read path binds a signed entry's MAC to these, so a header rewritten in the
+    backend (fewer tags, other generations) no longer matches the signature.
+    """
+
+    payload: bytes
+    tags: tuple[str, ...]
+    gens: tuple[int | bytes, ...]
+
 
 #: What ``get`` returns when an entry key holds something that is not an entry of this
-#: backend (garbage, another program's data, a key of another Redis type). These bytes
-#: decode as no payload of any codec version, so the read path counts them as corrupt
+#: backend (garbage, another program's data, a key of another Redis type). Its payload
+#: decodes as no payload of any codec version, so the read path counts it as corrupt
 #: and deletes the key, as it does any undecodable payload. The foreign value itself is
 #: never returned: it carries no generations to check, so serving it could serve
 #: anything, forever. A missing or stale entry is None, as before.
-UNREADABLE = b"\x00ormcache: this key holds no cache entry"
+UNREADABLE = Entry(b"\x00ormcache: this key holds no cache entry", (), ())
 
 
 def redact_url(url: str) -> str:
@@ -90,9 +109,10 @@ class Backend(Protocol):
     is awaited there (``RedisBackend`` does); without it, calls on the loop block it.
     """
 
-    def get(self, key: str) -> bytes | None:
-        """The payload stored under ``key`` if present, unexpired and still current;
-        :data:`UNREADABLE` if the key holds something else."""
+    def get(self, key: str) -> Entry | None:
+        """The entry stored under ``key`` if present, unexpired and still current (its
+        payload, and the tags and generations just checked); :data:`UNREADABLE` if the
+        key holds something else."""
         ...
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:

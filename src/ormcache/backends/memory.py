@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from .base import Snapshot
+from .base import Entry, Snapshot
 
 __all__ = ["MemoryBackend"]
 
@@ -35,18 +35,21 @@ class MemoryBackend:
         namespace: str = "",
         *,
         max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
         max_tags: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.namespace = namespace
         self.max_entries = max_entries
+        #: Payload bytes held at most: counting entries alone let 3000 entries of 100 KB
+        #: grow the process by 288 MB.
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self.max_tags = max_tags
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (expires_at or None, tags, gens, payload)
-        self._entries: OrderedDict[
-            str, tuple[float | None, tuple[str, ...], tuple[int, ...], bytes]
-        ] = OrderedDict()
+        # key -> (expires_at or None, the entry get returns as it is)
+        self._entries: OrderedDict[str, tuple[float | None, Entry]] = OrderedDict()
         self._gens: OrderedDict[str, int] = OrderedDict()
         self._leases: dict[str, dict[str, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
@@ -59,6 +62,11 @@ class MemoryBackend:
             if len(self._gens) > self.max_tags:
                 self._gens.popitem(last=False)
         return gen
+
+    def _drop(self, key: str) -> None:
+        stored = self._entries.pop(key, None)
+        if stored is not None:
+            self._bytes -= len(stored[1].payload)
 
     def _leased(self, tags: Sequence[str], now: float) -> bool:
         for tag in tags:
@@ -82,20 +90,20 @@ class MemoryBackend:
             self._gens.popitem(last=False)
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
+            stored = self._entries.get(key)
+            if stored is None:
                 return None
-            expires, tags, gens, payload = entry
+            expires, entry = stored
             if expires is not None and expires <= self._clock():
-                del self._entries[key]
+                self._drop(key)
                 return None
-            if tuple(map(self._gens.get, tags)) != gens:
-                del self._entries[key]
+            if tuple(map(self._gens.get, entry.tags)) != entry.gens:
+                self._drop(key)
                 return None
             self._entries.move_to_end(key)
-            return payload
+            return entry
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
@@ -115,16 +123,22 @@ class MemoryBackend:
             if self._leased(snapshot.tags, now):
                 return False
             expires = None if ttl is None else now + ttl
-            self._entries[key] = (expires, snapshot.tags, tuple(snapshot.gens), bytes(payload))
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            entry = Entry(bytes(payload), snapshot.tags, tuple(snapshot.gens))
+            if len(entry.payload) > self.max_bytes:
+                self._drop(key)  # it could never fit: the value goes uncached
+                return False
+            self._drop(key)
+            self._entries[key] = (expires, entry)
+            self._bytes += len(entry.payload)
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self._bytes -= len(old.payload)
             return True
 
     def delete(self, keys: Sequence[str]) -> None:
         with self._lock:
             for key in keys:
-                self._entries.pop(key, None)
+                self._drop(key)
 
     def bump(self, tags: Sequence[str]) -> None:
         with self._lock:
@@ -168,6 +182,7 @@ class MemoryBackend:
         with self._lock:
             # Leases survive: a writer mid-commit must still block stores on its tags.
             self._entries.clear()
+            self._bytes = 0
             self._gens.clear()
 
     def close(self) -> None:

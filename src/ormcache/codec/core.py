@@ -32,8 +32,10 @@ class Codec:
     hands out nothing mutable.
     """
 
-    def __init__(self, *, secret: bytes | None = None) -> None:
-        self._secret = secret
+    def __init__(self, *, secret: bytes | None = None, sign: bool = True) -> None:
+        # ``sign=False``: the secret only salts key hashes, because the caller signs
+        # more than the payload (a Cache signs whole entries: see ``ormcache.signing``).
+        self._secret = secret if sign else None
         #: Keys the hashes of values in key names and tags when a secret is configured,
         #: so a Redis reader cannot confirm guessed values by hashing them.
         self.hash_salt: bytes | None = (

@@ -31,12 +31,13 @@ from typing import Any
 
 from redis.cluster import ClusterNode, RedisCluster
 
-from ormcache.backends.base import Snapshot
+from ormcache.backends.base import Entry, Snapshot
 from ormcache.errors import ConfigurationError
 
 from .core import (
     ACQUIRE,
     BUMP,
+    GENERATION_TTL,
     RELEASE,
     SNAPSHOT,
     Endpoint,
@@ -45,6 +46,7 @@ from .core import (
     frame_entry,
     fresh_generation,
     is_current,
+    keep_ms,
     lua,
     no_retry,
     parse_entry,
@@ -71,7 +73,7 @@ class RedisClusterBackend(RedisCore):
         client: RedisCluster | Callable[[], Any],
         namespace: str,
         *,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         where: str = "Redis Cluster",
     ) -> None:
         if "{" in namespace or "}" in namespace:
@@ -197,7 +199,7 @@ class RedisClusterBackend(RedisCore):
         return self._run("get", run)
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         entry_key = self._e + key
         known = self._known.get(key)
         if known is None:
@@ -205,22 +207,20 @@ class RedisClusterBackend(RedisCore):
             parsed = parse_entry(value)
             if parsed is None:
                 return unframed(value)
-            tags = parsed[0]
-            current = self._values([self._gen_key(t) for t in tags])
+            current = self._values([self._gen_key(t) for t in parsed.tags])
         else:
             values = self._values([entry_key, *map(self._gen_key, known)])
             parsed = parse_entry(values[0])
             if parsed is None:
                 return unframed(values[0])
-            if parsed[0] != known:
+            if parsed.tags != known:
                 self._known.pop(key, None)  # rewritten with other tags: learn them anew
                 return self.get(key)
             current = values[1:]
-        tags, gens, payload = parsed
-        if not is_current(gens, current):
+        if not is_current(parsed.gens, current):
             return None
-        self._known.learn(key, tags)
-        return payload
+        self._known.learn(key, parsed.tags)
+        return parsed
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))
@@ -241,7 +241,8 @@ class RedisClusterBackend(RedisCore):
         if value is None:
             return False
         gens = dict(zip(snapshot.tags, snapshot.gens))
-        checks = self._per_tag("set", CHECK, snapshot.tags, lambda t: [gens[t]])
+        keep = keep_ms(ttl, self._gen_ttl)
+        checks = self._per_tag("set", CHECK, snapshot.tags, lambda t: [gens[t], keep])
         if not all(checks):
             return False
         px = None if ttl is None else max(1, int(ttl * 1000))

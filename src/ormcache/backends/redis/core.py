@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from ormcache.aio import LoopTwins
-from ormcache.backends.base import UNREADABLE, Snapshot
+from ormcache.backends.base import UNREADABLE, Entry, Snapshot
 from ormcache.errors import BackendError
 
 from .errors import run_redis
@@ -35,6 +35,7 @@ from .errors import run_redis
 __all__ = [
     "ACQUIRE",
     "BUMP",
+    "GENERATION_TTL",
     "RELEASE",
     "SNAPSHOT",
     "Endpoint",
@@ -44,6 +45,7 @@ __all__ = [
     "frame_entry",
     "fresh_generation",
     "is_current",
+    "keep_ms",
     "lua",
     "no_retry",
     "parse_entry",
@@ -56,6 +58,11 @@ T = TypeVar("T")
 B = TypeVar("B", bound="RedisCore")
 
 ENTRY_MAGIC = b"OCE1"
+#: Seconds a generation lives when no stored entry needs it (created by a snapshot or a
+#: bump): long enough for a computation between its snapshot and its store (one that
+#: takes longer only loses its store). A store extends its tags' generations to outlive
+#: the entry by this much, so a generation never outlives what needs it by much more.
+GENERATION_TTL = 60.0
 MAX_HEADER = 65535
 
 
@@ -74,9 +81,6 @@ RELEASE = lua("gen", "bump_fn", "release")
 LOCK = lua("lock")
 UNLOCK = lua("unlock")
 
-# (tags, recorded generations, payload) of a stored entry
-ParsedEntry = tuple[tuple[str, ...], tuple[bytes, ...], bytes]
-
 
 def frame_entry(snapshot: Snapshot, payload: bytes) -> bytes | None:
     """The stored form of ``payload`` read under ``snapshot``; None if the header would
@@ -87,8 +91,8 @@ def frame_entry(snapshot: Snapshot, payload: bytes) -> bytes | None:
     return ENTRY_MAGIC + len(header).to_bytes(2, "big") + header + payload
 
 
-def parse_entry(value: Any) -> ParsedEntry | None:
-    """Split a stored entry into tags, recorded generations and payload; None if it is
+def parse_entry(value: Any) -> Entry | None:
+    """Split a stored entry into payload, tags and recorded generations; None if it is
     not one (any other value under an entry key is a miss)."""
     if not isinstance(value, bytes) or len(value) < 6 or value[:4] != ENTRY_MAGIC:
         return None
@@ -106,14 +110,21 @@ def parse_entry(value: Any) -> ParsedEntry | None:
         tags = tuple(t.decode("utf-8") for t in lines[0:-1:2])
     except UnicodeDecodeError:
         return None
-    return tags, gens, value[6 + length :]
+    return Entry(value[6 + length :], tags, gens)
 
 
-def unframed(value: Any) -> bytes | None:
+def unframed(value: Any) -> Entry | None:
     """What ``get`` returns for a value under an entry key that is not a (current)
     entry: ``None`` when there is none, :data:`~ormcache.backends.base.UNREADABLE` when
     there is something else there, so that the read path deletes it as corrupt."""
     return None if value is None else UNREADABLE
+
+
+def keep_ms(ttl: float | None, generation_ttl: float) -> int:
+    """How long a stored entry's generations must live at least, in ms: the entry's TTL
+    plus the generation TTL; 0 for an entry without a TTL (its generations then persist:
+    such an entry lives until a bump or an eviction)."""
+    return 0 if ttl is None else max(1, int((ttl + generation_ttl) * 1000))
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -121,7 +132,7 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def is_current(recorded: Sequence[bytes], current: Sequence[Any]) -> bool:
+def is_current(recorded: Sequence[object], current: Sequence[Any]) -> bool:
     """Whether every generation an entry recorded is still the current one. A missing
     generation (None) never matches, so an evicted or flushed tag cannot revive it."""
     return list(recorded) == list(current)
@@ -196,6 +207,7 @@ class RedisCore:
         self.namespace = namespace
         self.where = where
         self._gen_ttl_ms = str(int(generation_ttl * 1000))
+        self._gen_ttl = generation_ttl
         self._e = f"{namespace}:e:"
         self._k = f"{namespace}:k:"
         self._known = KnownTags()
@@ -221,7 +233,7 @@ class RedisCore:
         *,
         socket_timeout: float = 0.25,
         connect_timeout: float = 0.25,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         **options: Any,
     ) -> B:
         """The backend for ``url``; ``options`` go to the redis-py client. On an event

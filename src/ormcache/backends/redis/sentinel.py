@@ -16,7 +16,7 @@ from redis.commands.core import Script
 
 from ormcache.errors import ConfigurationError
 
-from .core import Endpoint, no_retry, timeouts
+from .core import GENERATION_TTL, Endpoint, no_retry, timeouts
 from .standalone import RedisBackend
 from .urls import parse_sentinel_url
 
@@ -41,7 +41,7 @@ class RedisSentinelBackend(RedisBackend):
         client: redis.Redis,
         namespace: str,
         *,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         where: str = "Redis (Sentinel)",
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,

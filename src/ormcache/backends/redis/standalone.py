@@ -19,12 +19,13 @@ from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
-from ormcache.backends.base import UNREADABLE, Snapshot, redact_url
+from ormcache.backends.base import UNREADABLE, Entry, Snapshot, redact_url
 from ormcache.errors import ConfigurationError
 
 from .core import (
     ACQUIRE,
     BUMP,
+    GENERATION_TTL,
     RELEASE,
     SNAPSHOT,
     Endpoint,
@@ -33,6 +34,7 @@ from .core import (
     frame_entry,
     fresh_generation,
     is_current,
+    keep_ms,
     lua,
     no_retry,
     parse_entry,
@@ -63,7 +65,7 @@ class RedisBackend(RedisCore):
         client: redis.Redis,
         namespace: str,
         *,
-        generation_ttl: float = 86400.0,
+        generation_ttl: float = GENERATION_TTL,
         where: str = "Redis",
     ) -> None:
         super().__init__(client, namespace, generation_ttl=generation_ttl, where=where)
@@ -142,7 +144,7 @@ class RedisBackend(RedisCore):
         return (f"{self._e}*", f"{self._g}*")
 
     # -- Backend ----------------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> Entry | None:
         """One round trip either way: a plain MGET of the entry and its generations when
         this process already knows the entry's tags, else the Lua script (which then
         teaches us the tags). MGET is atomic, so both read one consistent state."""
@@ -154,9 +156,8 @@ class RedisBackend(RedisCore):
             parsed = parse_entry(values[0])
             if parsed is None:
                 return unframed(values[0])
-            tags, gens, payload = parsed
-            if tags == known:
-                return payload if is_current(gens, values[1:]) else None
+            if parsed.tags == known:
+                return parsed if is_current(parsed.gens, values[1:]) else None
             # The entry was rewritten with other tags: learn them through the script.
         value = self._run("get", lambda: self._get_script(entry_key))
         if value is None:
@@ -166,8 +167,8 @@ class RedisBackend(RedisCore):
         parsed = parse_entry(value)
         if parsed is None:
             return unframed(value)
-        self._known.learn(key, parsed[0])
-        return parsed[2]
+        self._known.learn(key, parsed.tags)
+        return parsed
 
     def _get_script(self, entry_key: str) -> Any:
         try:
@@ -194,7 +195,8 @@ class RedisBackend(RedisCore):
             return False
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         keys = [self._e + key, *self._gen_keys(snapshot.tags), *self._lease_keys(snapshot.tags)]
-        args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), *snapshot.gens]
+        keep = keep_ms(ttl, self._gen_ttl)
+        args: list[bytes | str | int] = [value, ttl_ms, len(snapshot.tags), keep, *snapshot.gens]
         stored = bool(self._run("set", lambda: self._set(keys=keys, args=args)))
         if stored:
             self._known.learn(key, snapshot.tags)

@@ -1,4 +1,5 @@
 -- Advance the generation keys KEYS[first..last], every one of them, whatever they hold.
+-- A generation that starts over lives `ttl` ms unless a store extends it.
 -- A usable generation is incremented; any other (missing, unusable, the wrong type, at
 -- the top of the range) starts over at a fresh random value, never at INCR's 1, which
 -- could equal a generation recorded before the key vanished. A key that cannot be
@@ -10,14 +11,13 @@ local function bump(first, last, fresh, ttl)
     local key = KEYS[i]
     local reply
     if usable(redis.pcall('GET', key)) then
+      -- INCR keeps the key's expiry: as long as the entries stored against it need.
       reply = redis.pcall('INCR', key)
     else
-      reply = redis.pcall('SET', key, fresh)
+      reply = redis.pcall('SET', key, fresh, 'PX', ttl)
     end
     if failed(reply) then
       redis.call('DEL', key)
-    else
-      redis.pcall('PEXPIRE', key, ttl)
     end
   end
 end

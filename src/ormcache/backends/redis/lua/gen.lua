@@ -9,6 +9,18 @@ local function usable(g)
   return #g < 19 or g < '9223372036854775807'
 end
 
+-- Make a generation live at least `ms` ms ('0': for ever), never shorter than it already
+-- does: another entry may need it longer. (Allowed when memory is full; pcall anyway.)
+local function keep(key, ms)
+  local left = redis.call('PTTL', key)
+  if left < 0 then return end  -- persistent already, or gone
+  if ms == '0' then
+    redis.pcall('PERSIST', key)
+  elseif left < tonumber(ms) then
+    redis.pcall('PEXPIRE', key, ms)
+  end
+end
+
 -- Whether a reply of redis.pcall is an error (such as WRONGTYPE or OOM).
 local function failed(reply)
   return type(reply) == 'table' and reply.err ~= nil
