@@ -140,3 +140,18 @@ def test_two_caches_on_one_sessionmaker_are_both_invalidated(
         for c in (first, second):
             c.clear()
             c.close()
+
+
+def test_close_removes_every_listener(cache_url: str, namespace: str, sqlite_engine: Any) -> None:
+    """A closed cache no longer watches the engines it reached: commits elsewhere must
+    not keep paying for its leases."""
+    factory = sessionmaker(sqlite_engine)
+    baseline = _count_listeners(factory)
+    before = len(sqlite_engine.dispatch.before_cursor_execute)
+    closing = Cache(cache_url, namespace=namespace)
+    closing.attach(factory)
+    seed(factory)  # a transaction: the engine is watched from here
+    assert len(sqlite_engine.dispatch.before_cursor_execute) > before
+    closing.close()
+    assert _count_listeners(factory) == baseline
+    assert len(sqlite_engine.dispatch.before_cursor_execute) == before

@@ -374,7 +374,11 @@ class Cache:
         return self._core.stats.snapshot()
 
     def close(self) -> None:
-        """Close the backend's connections (the cache is not usable afterwards)."""
+        """Detach from everything ``attach()`` reached and close the backend's connections
+        (the cache is not usable afterwards): a closed cache must not go on taking leases
+        on every commit of the engines it watched."""
+        if self._wiring is not None:
+            self._wiring.detach_all()
         self._core.backend.close()
 
     # -- SQLAlchemy integration -------------------------------------------------------

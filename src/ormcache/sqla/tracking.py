@@ -376,6 +376,15 @@ class Wiring:
                     watch.remove()
                     del self.watches[key]
 
+    def detach_all(self) -> None:
+        """Remove every listener of this cache (``Cache.close()``)."""
+        for owner, _tracker in list(self.targets.values()):
+            self.detach(owner)
+        with self._lock:
+            for watch in self.watches.values():
+                watch.remove()
+            self.watches.clear()
+
     def watch(self, engine: Engine, owner: object) -> EngineWatch:
         """The cursor-level listeners on ``engine``, installed once per cache."""
         watch = self.watches.get(id(engine))
