@@ -333,3 +333,16 @@ def test_memory_cache_in_a_forked_worker_is_warned_about(
         assert out.stderr.count("RuntimeWarning") == 2
     else:
         assert logged == [], out.stderr
+
+
+def test_init_app_maps_the_resource_bounds() -> None:
+    """``ORMCACHE_MAX_BYTES`` and ``ORMCACHE_GENERATION_TTL`` reach the cache's settings
+    (issue 12: resource bounds configurable from app.config)."""
+    app = Flask(__name__)
+    app.config.update(ORMCACHE_MAX_BYTES="1048576", ORMCACHE_GENERATION_TTL="30")
+    cache = Cache()
+    cache.init_app(app)
+    settings = cache._core.settings
+    assert settings.max_bytes == 1_048_576
+    assert settings.generation_ttl == 30.0
+    cache.close()

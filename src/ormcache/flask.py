@@ -38,6 +38,8 @@ CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "ORMCACHE_LEASE_TTL": ("lease_ttl", float),
     "ORMCACHE_CONNECT_TIMEOUT": ("connect_timeout", float),
     "ORMCACHE_SOCKET_TIMEOUT": ("socket_timeout", float),
+    "ORMCACHE_MAX_BYTES": ("max_bytes", int),
+    "ORMCACHE_GENERATION_TTL": ("generation_ttl", float),
 }
 
 
