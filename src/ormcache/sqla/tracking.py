@@ -259,7 +259,7 @@ class SessionTracker:
         tx = session.info.get(self.info_key)
         if tx is None or not tx.written:
             return
-        joined = self._joined_connections(session)
+        joined = [conn for conn, commits in _session_connections(session) if not commits]
         if joined:
             # The session is joined into an outer transaction that it does not commit:
             # its writes commit (or roll back) with that transaction, whose connection
@@ -271,32 +271,16 @@ class SessionTracker:
             return
         tx.lease(self.core)
 
-    @staticmethod
-    def _joined_connections(session: Session) -> list[Connection]:
-        tx = session.get_transaction()
-        if tx is None:
-            return []
-        try:
-            entries = tx._connections.values()
-        except AttributeError:  # pragma: no cover - future SQLAlchemy
-            return []
-        return [conn for conn, _trans, should_commit, _ in set(entries) if not should_commit]
-
     def after_commit(self, session: Session) -> None:
         if session.in_nested_transaction():
             return
         self._finish(session)
         # The connections this session committed: their records are done too (a
         # connection the application lent the session may never return to the pool).
-        tx = session.get_transaction()
-        try:
-            entries = set(tx._connections.values()) if tx is not None else set()
-        except AttributeError:  # pragma: no cover - future SQLAlchemy
-            entries = set()
-        for conn, _trans, should_commit, _ in entries:
+        for conn, commits in _session_connections(session):
             watch = self.wiring.watches.get(id(conn.engine))
             st = None if watch is None else conn.info.get(watch.key)
-            if should_commit and st is not None:
+            if commits and st is not None:
                 st.record.finish(self.core)
 
     def after_soft_rollback(self, session: Session, previous_transaction: Any) -> None:
@@ -312,6 +296,19 @@ class SessionTracker:
         tx = session.info.pop(self.info_key, None)
         if tx is not None:
             tx.finish(self.core)
+
+
+def _session_connections(session: Session) -> list[tuple[Connection, bool]]:
+    """The connections of the session's transaction, each with whether the session
+    commits it (False: joined into an outer transaction the application owns)."""
+    tx = session.get_transaction()
+    if tx is None:
+        return []
+    try:
+        entries = set(tx._connections.values())
+    except AttributeError:  # pragma: no cover - future SQLAlchemy
+        return []
+    return [(conn, bool(should_commit)) for conn, _trans, should_commit, _ in entries]
 
 
 def _bound_engines(target: Any) -> list[Engine]:
