@@ -12,10 +12,11 @@ from ormcache import Cache
 from tests.models import User, key_hash
 
 
-def lookup_fn(cache: Cache, Session: Any) -> Any:
-    """The memoized lookup every fault test serves through."""
+def lookup_fn(cache: Cache, Session: Any, name: str | None = None) -> Any:
+    """The memoized lookup every fault test serves through (``name``: one key in every
+    process that uses it)."""
 
-    @cache.memoize(ttl=60)
+    @cache.memoize(ttl=60, name=name)
     def name_of(api_key: str) -> str | None:
         with Session() as s:
             user = s.scalars(

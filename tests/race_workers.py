@@ -36,7 +36,14 @@ def _setup(db_url: str, redis_url: str, namespace: str) -> tuple[Cache, Any]:
 
 
 def writer(
-    db_url: str, redis_url: str, namespace: str, published: Any, stop: Any, n_rows: int, seed: int
+    db_url: str,
+    redis_url: str,
+    namespace: str,
+    published: Any,
+    stop: Any,
+    n_rows: int,
+    seed: int,
+    pause: float = 0.002,
 ) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
     # A slow COMMIT (as with fsync latency) widens the window between the write lease and
@@ -55,7 +62,7 @@ def writer(
         with published[row - 1].get_lock():
             if published[row - 1].value < committed:
                 published[row - 1].value = committed
-        time.sleep(0.002)
+        time.sleep(pause)
     cache.close()
 
 
@@ -132,5 +139,5 @@ def reader(
             stale += 1
             worst = max(worst, floor - got)
     stats = cache.stats()
-    results.put((reads, stale, worst, stats.hits, stats.store_conflicts))
+    results.put((reads, stale, worst, stats.hits, stats.store_conflicts, stats.near_hits))
     cache.close()

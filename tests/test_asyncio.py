@@ -221,7 +221,8 @@ async def test_the_event_loop_never_uses_the_sync_redis_client(
         assert stats.errors == 0
         backend: Any = cache.backend
         assert backend.client.connection_pool._created_connections == 0
-        assert backend._lane.conn is None
+        # Behind the near cache (on by default), the Redis backend itself.
+        assert getattr(backend, "inner", backend)._lane.conn is None
         twin = backend.for_event_loop()
         assert twin is not backend
         assert twin is backend.for_event_loop()  # one twin per loop
@@ -294,3 +295,44 @@ async def test_async_memoize_merges_hits_into_an_async_session(
         assert cache.stats().hits == 1
         assert hit in s
         assert hit is await s.get(User, hit.id)  # the identity map's instance
+
+
+async def test_near_cache_hits_on_the_event_loop(
+    redis_url: str, namespace: str, aengine: AsyncEngine
+) -> None:
+    """asyncio gets near hits too (the drain needs no await), they run no SQL, and a
+    commit through an AsyncSession is seen by the next read."""
+    from ormcache.backends.near import NearCache
+
+    cache = Cache(redis_url, namespace=namespace, strict=True)
+    assert isinstance(cache.backend, NearCache)
+    Session = async_sessionmaker(aengine, expire_on_commit=False)
+    cache.attach(Session)
+    counter = SQLCounter(aengine.sync_engine)
+    stmt = by_key(0, FromCache(ttl=60), selectinload(User.addresses))
+    deadline = time.monotonic() + 5
+    while not cache.backend.channel.current() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    try:
+        for _ in range(3):
+            async with Session() as s:
+                (await s.scalars(stmt)).one()
+        counter.reset()
+        before = cache.stats().near_hits
+        for _ in range(20):
+            async with Session() as s:
+                user = (await s.scalars(stmt)).one()
+                assert (user.name, [a.city for a in user.addresses]) == (
+                    "user0",
+                    ["city0a", "city0b"],
+                )
+        assert counter.count == 0
+        assert cache.stats().near_hits - before == 20
+        async with Session() as s:
+            (await s.scalars(by_key(0))).one().name = "renamed"
+            await s.commit()
+        async with Session() as s:
+            assert (await s.scalars(stmt)).one().name == "renamed"
+    finally:
+        cache.clear()
+        cache.close()

@@ -197,5 +197,28 @@ def test_ping_fails_when_a_command_the_cache_needs_is_refused(tmp_path: Path) ->
         assert "pw@" not in result.output
         ok = run("--url", server.url, "--namespace", "acl", "ping", "-n", "1")
         assert ok.exit_code == 0, ok.output
+        assert "near cache push channel ok" in ok.output
+    finally:
+        server.kill()
+
+
+def test_ping_fails_when_the_near_cache_cannot_track(tmp_path: Path) -> None:
+    """An ACL user without ``CLIENT TRACKING`` would run with the near cache (the default
+    on redis://) silently off: ``ping`` says so and what to do."""
+    from tests.redis_procs import PrivateRedis
+
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    try:
+        client = server.client()
+        client.execute_command(
+            "ACL", "SETUSER", "notrack", "on", ">pw", "~*", "+@all", "-client|tracking"
+        )
+        client.close()
+        url = f"redis://notrack:pw@127.0.0.1:{server.port}/0"
+        result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
+        assert result.exit_code != 0, result.output
+        assert "CLIENT TRACKING" in result.output
+        assert "ORMCACHE_NEAR_CACHE=false" in result.output
     finally:
         server.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,9 +41,21 @@ def test_no_stale_reads_across_processes(
 
 
 def race_across_processes(
-    db_url: str, cache_url: str, namespace: str, mode: str, label: str
-) -> None:
-    """The race itself, for any database and cache URL (Sentinel and Cluster run it too)."""
+    db_url: str,
+    cache_url: str,
+    namespace: str,
+    mode: str,
+    label: str,
+    *,
+    writer_pause: float = 0.002,
+    reads_required: int = READS_REQUIRED,
+    chaos: Callable[[], None] | None = None,
+    chaos_every: float = 2.0,
+) -> dict[str, int]:
+    """The race itself, for any database and cache URL (Sentinel and Cluster run it too).
+
+    ``chaos`` runs every ``chaos_every`` seconds while the race goes on (killing the
+    near cache's push connections, restarting Redis). Returns the totals."""
     n_rows = 4
     engine = create_engine(db_url)
     race_workers.Base.metadata.drop_all(engine)
@@ -59,7 +72,7 @@ def race_across_processes(
     writers = [
         ctx.Process(
             target=race_workers.writer,
-            args=(db_url, cache_url, namespace, published, stop, n_rows, i),
+            args=(db_url, cache_url, namespace, published, stop, n_rows, i, writer_pause),
         )
         for i in range(2)
     ]
@@ -85,8 +98,14 @@ def race_across_processes(
         p.start()
     # Run until enough reads are done (bounded: the test stops itself after 120 s).
     deadline = time.monotonic() + 120
-    while progress.value < READS_REQUIRED + 500 and time.monotonic() < deadline:
+    next_chaos = time.monotonic() + chaos_every
+    chaos_runs = 0
+    while progress.value < reads_required + 500 and time.monotonic() < deadline:
         time.sleep(0.2)
+        if chaos is not None and time.monotonic() >= next_chaos:
+            chaos()
+            chaos_runs += 1
+            next_chaos = time.monotonic() + chaos_every
     stop.set()
     outcomes = [results.get(timeout=60) for _ in readers]
     for p in writers + readers:
@@ -96,17 +115,19 @@ def race_across_processes(
     stale = sum(o[1] for o in outcomes)
     hits = sum(o[3] for o in outcomes)
     conflicts = sum(o[4] for o in outcomes)
+    near_hits = sum(o[5] for o in outcomes)
     versions = [v.value for v in published]
     print(
-        f"\n{label}/{mode}: {reads} reads, {stale} stale, {hits} hits, "
-        f"{conflicts} refused stores, committed versions {versions}"
+        f"\n{label}/{mode}: {reads} reads, {stale} stale, {hits} hits ({near_hits} near), "
+        f"{conflicts} refused stores, committed versions {versions}, chaos x{chaos_runs}"
     )
     race_workers.Base.metadata.drop_all(engine)
     engine.dispose()
     assert stale == 0, f"{stale} stale reads (worst lag {max(o[2] for o in outcomes)})"
     assert min(versions) > 10, "writers made too little progress for a meaningful race"
     assert hits > 0, "the cache never served a hit: the race did not exercise it"
-    assert reads >= READS_REQUIRED, f"only {reads} reads within the 120 s bound"
+    assert reads >= reads_required, f"only {reads} reads within the 120 s bound"
+    return {"reads": reads, "stale": stale, "hits": hits, "near_hits": near_hits}
 
 
 def test_store_racing_a_commit_is_refused(cache: Cache, db_engine: Any) -> None:

@@ -56,16 +56,22 @@ class Cache:
         bounds what a slow or dead backend adds to a call.
     :param breaker_threshold: consecutive backend failures that open the circuit breaker.
     :param breaker_cooldown: seconds the backend is skipped once the breaker is open.
-    :param max_entries: size of the in-process LRU (``memory://`` only).
+    :param max_entries: size of the in-process LRU (``memory://``), and of the near
+        cache unless ``near_cache`` sets it.
     :param generation_ttl: seconds a generation key lives beyond the entries stored
         against it (Redis only); also the longest computation whose result is stored.
-    :param max_bytes: bytes of payload the in-process LRU holds at most (``memory://``
-        only); the least recently used entries go first.
+    :param max_bytes: bytes of payload the in-process LRU (``memory://``) or the near
+        cache holds at most; the least recently used (near cache: oldest) go first.
     :param stampede_lock: concurrent misses on one key compute once (single-flight in the
         process, a backend lock across processes).
     :param lock_wait: seconds a waiter waits for another's computation before computing.
     :param lock_ttl: seconds after which a dead holder's computation lock expires; it
         should exceed your slowest computation.
+    :param near_cache: keep recent Redis entries in process memory and serve hits from
+        there while Redis's tracking pushes vouch that they are current (see the README,
+        "Near cache"). None (the default) turns it on for ``redis://``, ``rediss://`` and
+        ``redis+sentinel://``; False turns it off; a number sets its entry bound (else
+        ``max_entries``; ``max_bytes`` bounds it too).
     :param backend: a ready :class:`~ormcache.Backend` instead of one built from ``url``.
     """
 
@@ -88,6 +94,7 @@ class Cache:
         stampede_lock: bool = True,
         lock_wait: float = 5.0,
         lock_ttl: float = 30.0,
+        near_cache: bool | int | None = None,
         backend: Backend | None = None,
     ) -> None:
         settings = Settings(
@@ -107,6 +114,7 @@ class Cache:
             stampede_lock=stampede_lock,
             lock_wait=lock_wait,
             lock_ttl=lock_ttl,
+            near_cache=near_cache,
             backend=backend,
         )
         self._core = Core(settings)

@@ -80,6 +80,48 @@ def _exercise(backend: Backend) -> None:
         raise BackendError(f"the {step} step: {exc}") from exc
 
 
+def _check_near(backend: Backend, timeout: float = 3.0) -> str | None:
+    """Check the near cache's push channel, which ``redis://`` and Sentinel use by
+    default: it must come up (``HELLO 3`` and ``CLIENT TRACKING`` allowed), and a bump
+    must reach it. Returns a line for the report, None where there is no near cache;
+    raises BackendError if the channel cannot work (the near cache would stay off)."""
+    if not hasattr(backend, "tracking_channel"):
+        return None
+    from ormcache.backends.near import NearCache
+
+    served = [0]
+
+    def count() -> None:
+        served[0] += 1
+
+    near = NearCache(backend, on_near_hit=count)
+    tag, key = "ormcache-cli:near", "ormcache-cli-near"
+    channel = near.channel
+    deadline = time.monotonic() + timeout
+    while not channel.current():
+        if time.monotonic() > deadline:
+            raise BackendError(
+                f"the near cache's push channel did not come up within {timeout:.0f} s "
+                f"({channel.reason or 'no answer'}); the user needs HELLO and CLIENT "
+                "TRACKING, or set near_cache=False (ORMCACHE_NEAR_CACHE=false)"
+            )
+        time.sleep(0.02)
+    snap = near.snapshot([tag])
+    if snap is None or not near.set(key, b"near", 10.0, snap):
+        raise BackendError("the near check could not store its entry")
+    # The store's own push drops any copy; read it back until memory serves it.
+    while served[0] == 0 and time.monotonic() < deadline:
+        near.get(key)
+    if served[0] == 0:
+        raise BackendError("no read was served from memory: pushes do not arrive")
+    near.bump([tag])
+    if near.get(key) is not None:
+        raise BackendError("a bumped entry was still served: pushes do not arrive")
+    near.delete([key])
+    channel.close()
+    return "near cache push channel ok"
+
+
 def _check_tables(names: tuple[str, ...], database_url: str | None) -> None:
     """Refuse table names the database does not have: a typo would otherwise "invalidate"
     nothing, exit 0, and leave the entries it meant to drop in service."""
@@ -145,6 +187,7 @@ def _build() -> Any:
         backend = _backend(ctx)
         try:
             _exercise(backend)
+            near = _check_near(backend)
             times = []
             for _ in range(max(1, count)):
                 start = time.perf_counter()
@@ -158,6 +201,7 @@ def _build() -> Any:
         click.echo(
             f"ok: {redact_url(ctx.obj['url'])} namespace {ctx.obj['namespace']!r}, "
             f"read round trip {median:.0f} µs (median of {len(times)})"
+            + (f"; {near}" if near else "")
         )
 
     @cli.command()

@@ -9,6 +9,7 @@ settings.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -55,6 +56,7 @@ class Settings:
     stampede_lock: bool = True
     lock_wait: float = 5.0
     lock_ttl: float = 30.0
+    near_cache: bool | int | None = None
     backend: Backend | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +76,16 @@ class Settings:
             )
         if float(self.lease_ttl) <= 0:
             raise ConfigurationError(f"lease_ttl must be positive seconds, got {self.lease_ttl!r}")
+        near = self.near_cache
+        if (
+            near is not None
+            and not isinstance(near, bool)
+            and (not isinstance(near, int) or near < 1)
+        ):
+            raise ConfigurationError(
+                f"near_cache must be True, False, None (the default for the URL) or a "
+                f"positive number of entries, got {near!r}"
+            )
         if float(self.lock_wait) < 0 or float(self.lock_ttl) <= 0:
             raise ConfigurationError(
                 "lock_wait must be >= 0 and lock_ttl > 0 seconds; lock_ttl should exceed your "
@@ -128,7 +140,7 @@ class Core:
         self.codec = self._codec(settings, None)
         #: Signs and verifies whole entries when a secret is set (see ``signing``).
         self.signer = self._signer(settings)
-        self.backend = self._backend(settings)
+        self.backend = self._backend(settings, self.stats)
         self.guard = self._guard(settings, self.backend)
         self._apply(settings)
         self._warned_fork = False
@@ -185,20 +197,31 @@ class Core:
         return codec
 
     @staticmethod
-    def _backend(settings: Settings) -> Backend:
+    def _backend(settings: Settings, stats: Stats) -> Backend:
         if settings.backend is not None:
             return settings.backend
         url = settings.resolved_url
         options: dict[str, Any]
         if url.startswith("memory"):
             options = {"max_entries": settings.max_entries, "max_bytes": settings.max_bytes}
-        else:
-            options = {
-                "socket_timeout": settings.socket_timeout,
-                "connect_timeout": settings.connect_timeout,
-                "generation_ttl": float(settings.generation_ttl),
-            }
-        return create_backend(url, settings.namespace, **options)
+            return create_backend(url, settings.namespace, **options)
+        options = {
+            "socket_timeout": settings.socket_timeout,
+            "connect_timeout": settings.connect_timeout,
+            "generation_ttl": float(settings.generation_ttl),
+        }
+        backend = create_backend(url, settings.namespace, **options)
+        near = near_cache_for(url, settings.near_cache)
+        if not near:
+            return backend
+        from .backends.near import NearCache
+
+        return NearCache(
+            backend,
+            max_entries=settings.max_entries if near is True else int(near),
+            max_bytes=settings.max_bytes,
+            on_near_hit=lambda: stats.incr("near_hits"),
+        )
 
     def _guard(self, settings: Settings, backend: Backend) -> Guard:
         breaker = CircuitBreaker(
@@ -209,7 +232,7 @@ class Core:
     def configure(self, settings: Settings) -> None:
         """Rebuild codec, backend and guard for new settings, keeping owed bumps."""
         codec = self._codec(settings, self.codec)
-        backend = self._backend(settings)
+        backend = self._backend(settings, self.stats)
         guard = self._guard(settings, backend)
         old_guard, old_backend = self.guard, self.backend
         owed = old_guard.owed_tags()
@@ -230,6 +253,32 @@ class Core:
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()
+
+
+def near_cache_for(url: str, near_cache: bool | int | None) -> bool | int:
+    """Whether (and with how many entries) a cache at ``url`` keeps a near cache.
+
+    On by default for one Redis server and for Sentinel; a Cluster has none (yet), and
+    asking for one there is an error rather than a silent no. ``memory://`` is already
+    in the process.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory" or near_cache is False:
+        return False
+    if scheme == "redis+cluster":
+        if near_cache:
+            raise ConfigurationError(
+                "near_cache is not available on Redis Cluster yet; remove near_cache=True "
+                "(ORMCACHE_NEAR_CACHE) or use redis:// or redis+sentinel://"
+            )
+        return False
+    if importlib.util.find_spec("hiredis") is None:
+        if near_cache:
+            raise ConfigurationError(
+                "near_cache needs the hiredis parser: pip install 'ormcache[redis]'"
+            )
+        return False
+    return True if near_cache is None else near_cache
 
 
 # Every live Core, told when this process is a fork's child (one hook for all of them).

@@ -40,6 +40,7 @@ CONFIG_KEYS: dict[str, tuple[str, Any]] = {
     "ORMCACHE_SOCKET_TIMEOUT": ("socket_timeout", float),
     "ORMCACHE_MAX_BYTES": ("max_bytes", int),
     "ORMCACHE_GENERATION_TTL": ("generation_ttl", float),
+    "ORMCACHE_NEAR_CACHE": ("near_cache", "near"),
 }
 
 
@@ -54,6 +55,14 @@ def _bool(key: str, value: object) -> bool:
     raise ConfigurationError(f"{key}={value!r} is not a boolean; use true or false")
 
 
+def _near(key: str, value: object) -> bool | int:
+    """A boolean, or a number of entries (``ORMCACHE_NEAR_CACHE=5000``)."""
+    if isinstance(value, int) or str(value).strip().isdigit():
+        number = int(value)  # type: ignore[call-overload]
+        return number if number > 1 or isinstance(value, int) else bool(number)
+    return _bool(key, value)
+
+
 def config_options(app: Flask) -> dict[str, Any]:
     """The ``Cache`` arguments that ``app.config``'s ``ORMCACHE_*`` keys set."""
     options: dict[str, Any] = {}
@@ -63,6 +72,8 @@ def config_options(app: Flask) -> dict[str, Any]:
         value = app.config[key]
         if convert is None:
             options[arg] = _bool(key, value)
+        elif convert == "near":
+            options[arg] = _near(key, value)
         else:
             try:
                 options[arg] = convert(value)

@@ -14,12 +14,15 @@ class StatsSnapshot:
 
     ``errors`` counts backend failures that were absorbed (the call went through to the
     database). ``corrupt`` counts payloads that failed to decode and were deleted.
-    ``bypasses`` counts calls that skipped the cache on purpose (pending writes in the
-    transaction, an open circuit breaker, a write lease). ``store_conflicts`` counts stores
+    ``near_hits`` counts the hits (included in ``hits``) a near cache served from
+    process memory, without a round trip to Redis. ``bypasses`` counts calls that
+    skipped the cache on purpose (pending writes in the transaction, an open circuit
+    breaker, a write lease). ``store_conflicts`` counts stores
     refused because a commit raced the read: each is a stale value that was not cached.
     """
 
     hits: int = 0
+    near_hits: int = 0
     misses: int = 0
     stores: int = 0
     store_conflicts: int = 0

@@ -264,6 +264,16 @@ class RedisCore:
     def _run(self, what: str, call: Callable[[], T]) -> T:
         return run_redis(self.where, what, call)
 
+    def entry_name(self, key: str) -> str:
+        """The Redis key of the entry ``key`` (what a tracking push names)."""
+        return self._e + key
+
+    def fence(self) -> None:
+        """One more round trip after an invalidation: Redis has written the
+        invalidation's tracking pushes into every socket before it answers a later
+        command (see :mod:`ormcache.backends.near`)."""
+        self._run("fence", lambda: self.client.execute_command("PING"))
+
     def _clear_patterns(self) -> Sequence[str]:
         """SCAN patterns of the entry and generation keys, which :meth:`clear` deletes."""
         raise NotImplementedError

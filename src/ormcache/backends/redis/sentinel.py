@@ -97,6 +97,8 @@ class RedisSentinelBackend(RedisBackend):
             options={"wait_replicas": target.wait_replicas, "wait_timeout": target.wait_timeout},
         )
 
+    _tracks_master = True
+
     def _invalidate(self, what: str, script: Script, keys: list[str], args: list[Any]) -> None:
         """The script, then ``WAIT`` in the same round trip: WAIT covers only the writes
         of its own connection, so both go down one pipeline."""

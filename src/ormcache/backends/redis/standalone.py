@@ -41,6 +41,7 @@ from .core import (
     timeouts,
     unframed,
 )
+from .tracking import Listener, TrackingChannel
 from .urls import standalone_where
 
 __all__ = ["RedisBackend"]
@@ -142,6 +143,31 @@ class RedisBackend(RedisCore):
 
     def _clear_patterns(self) -> Sequence[str]:
         return (f"{self._e}*", f"{self._g}*")
+
+    # -- near cache -------------------------------------------------------------------
+    def gen_name(self, tag: str) -> str:
+        """The generation key of ``tag`` (what a tracking push names)."""
+        return self._g + tag
+
+    def tracking_channel(self, listener: Listener, **options: Any) -> TrackingChannel:
+        """The push channel a near cache in front of this backend listens to: every
+        generation and entry key of the namespace, on the server this client uses."""
+        pool = self.client.connection_pool
+
+        def connect() -> Any:
+            return pool.connection_class(**{**pool.connection_kwargs, "protocol": 3})
+
+        return TrackingChannel(
+            connect,
+            (self._g, self._e),
+            listener,
+            where=self.where,
+            check_role=self._tracks_master,
+            **options,
+        )
+
+    #: Whether the channel must check that its server is still the master (Sentinel).
+    _tracks_master = False
 
     # -- Backend ----------------------------------------------------------------------
     def get(self, key: str) -> Entry | None:

@@ -1,0 +1,274 @@
+"""The near cache: Redis hits served from process memory, exactly as Redis would serve
+them.
+
+An entry is valid while every generation it recorded is current, so a process that
+knows the current generations can check an entry it already holds without asking
+Redis. :class:`NearCache` wraps a Redis backend and keeps two bounded tables in memory:
+
+* **generations**: generation key → the value this process last saw Redis confirm;
+* **entries**: cache key → the entry (payload, tags, generations) Redis last served.
+
+Redis pushes every change to a generation key, and to an entry key, through the
+process's :class:`~ormcache.backends.redis.tracking.TrackingChannel`; each push removes
+the changed key from the tables. A hit first applies every push the socket holds, then
+serves from memory only if every generation the entry recorded is still the one in the
+table; anything else is today's one round trip, and its answer refills the tables.
+
+Why a read that starts after ``commit()`` returned cannot be served older data, on one
+host: the commit bumps its tags before COMMIT (the lease) and again after (the release),
+each a round trip. Redis writes a bump's pushes into every tracking socket before it
+processes a later command, so by the time the release's reply reaches the writer, the
+lease's pushes already sit in every reader's socket, and the reader's hit drains them
+before it looks at memory. Every other invalidation that returns to its caller
+(``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
+``PING`` on the same connection for the same reason. Across hosts the window is the
+push's one-way network delay.
+
+Why refilling cannot undo a push: a refill is applied only if no push for any of its
+keys was applied since just before the round trip that read it (a ring of recent pushes,
+checked under the channel's lock), and only on the channel connection that was tracking
+when the round trip began. Otherwise the answer is served but not remembered.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import UNREADABLE, Backend, Entry, Snapshot
+
+__all__ = ["NearCache", "NearTables"]
+
+#: Pushes remembered for the refill check; a refill that began more pushes ago than
+#: this is not remembered (it is still served).
+RING = 4096
+#: Bytes counted per entry beyond its payload (tuples, dict slots).
+_OVERHEAD = 200
+_ALL = b""  # a ring mark: every key changed
+
+
+class NearTables:
+    """The process's local generations and entries, shared by a backend and its
+    per-event-loop twins. Mutated only under the channel's lock (reads need none: a
+    table only loses keys between refills)."""
+
+    def __init__(self, entry_prefix: str, max_entries: int, max_bytes: int) -> None:
+        self.entry_prefix = entry_prefix.encode()
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.entries: dict[str, tuple[Entry, tuple[bytes, ...], int]] = {}
+        self.gens: dict[bytes, bytes] = {}
+        self.bytes = 0
+        self.seq = 0
+        self.ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RING)
+
+    # -- Listener ----------------------------------------------------------------------
+    def invalidated(self, names: Sequence[bytes] | None) -> None:
+        if names is None:
+            self.reset()
+            return
+        prefix, n = self.entry_prefix, len(self.entry_prefix)
+        ring, gens = self.ring, self.gens
+        for name in names:
+            self.seq += 1
+            ring.append((self.seq, name))
+            if gens.pop(name, None) is None and name.startswith(prefix):
+                self._drop(name[n:].decode("utf-8", "surrogateescape"))
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.gens.clear()
+        self.bytes = 0
+        self.seq += 1
+        self.ring.append((self.seq, _ALL))
+
+    # -- local changes (lock held) -------------------------------------------------------
+    def forget(self, names: Sequence[bytes], keys: Sequence[str] = ()) -> None:
+        """Our own invalidation of these generation keys and entries."""
+        for name in names:
+            self.seq += 1
+            self.ring.append((self.seq, name))
+            self.gens.pop(name, None)
+        for key in keys:
+            self.seq += 1
+            self.ring.append((self.seq, self.entry_prefix + key.encode()))
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+
+    def changed_since(self, seq: int, names: Sequence[bytes]) -> bool:
+        """Whether a push for any of ``names`` (or for everything) came after ``seq``."""
+        if self.seq == seq:
+            return False
+        ring = self.ring
+        if not ring or ring[0][0] > seq + 1:
+            return True  # the ring no longer reaches back that far
+        wanted = set(names)
+        wanted.add(_ALL)
+        for s, name in reversed(ring):
+            if s <= seq:
+                return False
+            if name in wanted:
+                return True
+        return False
+
+    def learn(self, key: str, entry: Entry, names: tuple[bytes, ...]) -> None:
+        size = len(entry.payload) + _OVERHEAD * (1 + len(names))
+        if size > self.max_bytes:
+            return
+        self._drop(key)
+        entries = self.entries
+        while entries and (len(entries) >= self.max_entries or self.bytes + size > self.max_bytes):
+            # Oldest first: a dict keeps insertion order.
+            self._drop(next(iter(entries)))
+        if len(self.gens) + len(names) > 4 * self.max_entries:
+            # Generations of entries long gone: start over (entries re-check remotely).
+            self.gens.clear()
+        self.gens.update(zip(names, entry.gens))  # type: ignore[arg-type]
+        entries[key] = (entry, names, size)
+        self.bytes += size
+
+
+class NearCache:
+    """A :class:`~ormcache.backends.base.Backend` in front of a Redis backend that
+    serves hits from memory when the push channel vouches for them (module docstring).
+
+    ``on_near_hit`` is called for every hit served from memory (the cache's stats).
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        max_entries: int = 10_000,
+        max_bytes: int = 64 * 2**20,
+        on_near_hit: Callable[[], None] | None = None,
+        interval: float | None = None,
+        _shared: tuple[NearTables, Any] | None = None,
+    ) -> None:
+        self._inner = inner
+        self.namespace = inner.namespace
+        self.where = inner.where
+        self._on_near_hit = on_near_hit or (lambda: None)
+        if _shared is None:
+            tables = NearTables(inner.entry_name(""), max_entries, max_bytes)
+            options = {} if interval is None else {"interval": interval}
+            channel = inner.tracking_channel(tables, **options)
+            _shared = (tables, channel)
+        self._tables, self.channel = _shared
+        self._gen_prefix = inner.gen_name("").encode()
+        self._twins: dict[int, NearCache] = {}
+
+    @property
+    def inner(self) -> Backend:
+        """The Redis backend behind the near cache."""
+        backend: Backend = self._inner
+        return backend
+
+    @property
+    def client(self) -> Any:
+        """The inner backend's redis-py client."""
+        return self._inner.client
+
+    def for_event_loop(self) -> NearCache:
+        """The running loop's twin: the inner backend's twin, the same tables."""
+        twin = self._inner.for_event_loop()
+        if twin is self._inner:
+            return self
+        near = self._twins.get(id(twin))
+        if near is None or near._inner is not twin:
+            near = NearCache(twin, on_near_hit=self._on_near_hit, _shared=self._shared())
+            self._twins[id(twin)] = near
+        return near
+
+    def _shared(self) -> tuple[NearTables, Any]:
+        return self._tables, self.channel
+
+    def _names(self, tags: Sequence[str]) -> tuple[bytes, ...]:
+        prefix = self._gen_prefix
+        return tuple(prefix + t.encode() for t in tags)
+
+    # -- reads -------------------------------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        tables, channel = self._tables, self.channel
+        if channel.current():
+            found = tables.entries.get(key)
+            if found is not None:
+                entry, names, _ = found
+                gens = tables.gens
+                for name, gen in zip(names, entry.gens, strict=True):
+                    if gens.get(name) != gen:
+                        break
+                else:
+                    self._on_near_hit()
+                    return entry
+        seq, epoch = tables.seq, channel.epoch
+        remote: Entry | None = self._inner.get(key)
+        if remote is not None and remote is not UNREADABLE:
+            names = self._names(remote.tags)
+            with channel.lock:
+                if (
+                    channel.up
+                    and channel.epoch == epoch
+                    and not tables.changed_since(seq, (*names, tables.entry_prefix + key.encode()))
+                ):
+                    tables.learn(key, remote, names)
+        return remote
+
+    def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
+        snap: Snapshot | None = self._inner.snapshot(tags)
+        return snap
+
+    def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
+        # Not remembered here: the store's own push (its entry key changed) would drop
+        # it again; the next hit reads it back once.
+        stored: bool = self._inner.set(key, payload, ttl, snapshot)
+        return stored
+
+    def lock(self, key: str, token: str, ttl: float) -> bool:
+        taken: bool = self._inner.lock(key, token, ttl)
+        return taken
+
+    def unlock(self, key: str, token: str) -> None:
+        self._inner.unlock(key, token)
+
+    # -- invalidations ---------------------------------------------------------------------
+    def _forget(self, tags: Sequence[str] = (), keys: Sequence[str] = ()) -> None:
+        with self.channel.lock:
+            self._tables.forget(self._names(tags), keys)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        self._inner.delete(keys)
+        self._forget(keys=keys)
+        # Other processes drop their copies from the pushes of this delete: fenced,
+        # so that they sit in every reader's socket before this call returns.
+        self._inner.fence()
+
+    def bump(self, tags: Sequence[str]) -> None:
+        self._inner.bump(tags)
+        self._forget(tags)
+        self._inner.fence()
+
+    def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
+        self._inner.acquire_lease(tags, token, ttl)
+        self._forget(tags)
+
+    def release_lease(self, tags: Sequence[str], token: str) -> None:
+        # The commit's second round trip: the lease's pushes are in every reader's
+        # socket by the time this returns (see the module docstring).
+        self._inner.release_lease(tags, token)
+        self._forget(tags)
+
+    def clear(self) -> None:
+        self._inner.clear()
+        with self.channel.lock:
+            self._tables.reset()
+        self._inner.fence()
+
+    def close(self) -> None:
+        self.channel.close()
+        self._inner.close()

@@ -1,0 +1,364 @@
+"""The push channel behind the near cache: one RESP3 connection per process with
+``CLIENT TRACKING on BCAST``, so that Redis tells this process about every change to a
+key under the tracked prefixes (a generation bumped, expired, evicted or deleted; an
+entry stored or deleted).
+
+Why one connection of our own, read without blocking: RESP3 delivers the invalidation
+pushes on the tracking connection itself, in order with that connection's replies, so
+there is no second connection whose messages could overtake the first (the race Redis's
+documentation describes for the RESP2 ``REDIRECT`` mode). A hit asks :meth:`current`,
+which reads whatever the socket holds (one ``poll(0)`` when it holds nothing, well under
+a microsecond) and applies it before anything is served from memory.
+
+When the channel's state is unknown, nothing is served from memory:
+
+* until ``CLIENT TRACKING`` has answered OK on a fresh connection;
+* after the connection closes or fails (Redis restarted, ``CLIENT KILL``, a network
+  error), until a new one is set up; every local copy is dropped on both sides of that;
+* when a health ping (``PING``, or ``ROLE`` behind Sentinel, which also notices a master
+  demoted by a failover) is not answered within half the health interval; so a frozen or
+  unreachable Redis stops near hits within one interval;
+* when a drain reads a full buffer, the server may hold more pushes than the socket
+  showed: a ``PING`` on this connection fences them (its reply comes after every push
+  queued before it) before anything is served;
+* in a forked child, until it made its own connection (the parent's socket is never
+  read in the child).
+
+A background thread sends the health pings and reconnects; it never serves anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import select
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+__all__ = ["HEALTH_INTERVAL", "Listener", "TrackingChannel"]
+
+logger = logging.getLogger("ormcache")
+
+#: Seconds between health checks of the push channel; a ping unanswered for half of it
+#: turns the near cache off until the channel is set up again.
+HEALTH_INTERVAL = 1.0
+_BUFFER = 1 << 16
+
+
+class Listener(Protocol):
+    """What the channel tells (always while holding :attr:`TrackingChannel.lock`)."""
+
+    def invalidated(self, names: Sequence[bytes] | None) -> None:
+        """These keys changed (None: every key, as after ``FLUSHALL``)."""
+
+    def reset(self) -> None:
+        """The channel went down or came up: nothing known locally can be trusted."""
+
+
+class TrackingChannel:
+    """One process's push channel (see the module docstring).
+
+    ``connect`` returns a connected redis-py connection speaking RESP3 (handshake, AUTH
+    and database done); the channel takes over its socket. ``epoch`` changes on every
+    connection set up, so a caller can tell whether what it read from Redis was read
+    while this connection was the one tracking.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        prefixes: Sequence[str],
+        listener: Listener,
+        *,
+        where: str,
+        interval: float = HEALTH_INTERVAL,
+        check_role: bool = False,
+    ) -> None:
+        self._connect = connect
+        self._prefixes = tuple(prefixes)
+        self._listener = listener
+        self.where = where
+        self.interval = interval
+        self._check_role = check_role
+        self.lock = threading.Lock()
+        self.epoch = 0
+        self._up = False
+        self._sock: Any = None
+        self._conn: Any = None
+        self._poll: Any = None
+        self._tls = False
+        self._reader: Any = None
+        self._push: Any = type(None)
+        self._buf = bytearray(_BUFFER)
+        self._pending: collections.deque[tuple[bytes, float]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._pid = os.getpid()
+        self._last_reason = ""
+        _channels.add(self)
+
+    # -- the hot path ------------------------------------------------------------------
+    def current(self) -> bool:
+        """Apply every push the socket holds; True if memory may serve now."""
+        with self.lock:
+            if not self._up:
+                self._ensure_thread()
+                return False
+            if self._poll.poll(0) or (self._tls and self._sock.pending()):
+                self._drain()
+            return self._up
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def reason(self) -> str:
+        """Why the channel went down or could not be set up, the last time it did."""
+        return self._last_reason
+
+    # -- reading -------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Read what the socket holds and apply it (lock held)."""
+        size = len(self._buf)
+        full = False
+        while True:
+            n = self._recv()
+            if n < 0:
+                return
+            if n < size and not (self._tls and self._sock.pending()):
+                break
+            full = True
+        if not self._apply():
+            return
+        if full:
+            # The socket was full: Redis may hold further pushes it could not write yet.
+            self._fence()
+
+    def _recv(self) -> int:
+        """One read into the reader: the bytes read (0: none waiting), -1 if the channel
+        fell (lock held)."""
+        try:
+            n: int = self._sock.recv_into(self._buf)
+        except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._down(f"the connection failed ({exc})")
+            return -1
+        if n == 0:
+            self._down("Redis closed the connection")
+            return -1
+        self._reader.feed(self._buf, 0, n)
+        return n
+
+    def _apply(self) -> bool:
+        """Handle every complete message the reader holds; False if the channel fell."""
+        reader = self._reader
+        while True:
+            try:
+                msg: Any = reader.gets()
+            except Exception as exc:  # hiredis.ProtocolError: not Redis speaking
+                self._down(f"unreadable reply ({exc})")
+                return False
+            if msg is False:
+                return True
+            if type(msg) is self._push:
+                # RESP3 pushes (hiredis tells them from replies); only invalidations
+                # are subscribed to here.
+                if len(msg) == 2 and msg[0] == b"invalidate":
+                    names = msg[1]
+                    self._listener.invalidated(names if type(names) is list else None)
+                continue
+            if not self._pending:
+                self._down(f"a reply nobody asked for: {msg!r:.60}")
+                return False
+            asked, _ = self._pending.popleft()
+            if isinstance(msg, Exception):
+                self._down(f"{asked.decode()} failed: {msg}")
+                return False
+            if asked == b"ROLE" and not (type(msg) is list and msg and msg[0] == b"master"):
+                self._down("the server is no longer the master (a failover)")
+                return False
+
+    def _send(self, command: bytes) -> bool:
+        """Send a one-word command (PING or ROLE) whose reply is expected in order."""
+        frame = b"*1\r\n$%d\r\n%s\r\n" % (len(command), command)
+        try:
+            sent = self._sock.send(frame)
+        except OSError as exc:
+            self._down(f"could not send {command.decode()} ({exc})")
+            return False
+        if sent != len(frame):
+            self._down("the connection is not accepting writes")
+            return False
+        self._pending.append((command, time.monotonic()))
+        return True
+
+    def _fence(self) -> None:
+        """PING and read (bounded by half the interval) until its reply: every push
+        Redis queued before it has then been applied."""
+        if not self._send(b"PING"):
+            return
+        wanted = len(self._pending)
+        deadline = time.monotonic() + self.interval / 2
+        while self._up and len(self._pending) >= wanted:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._poll.poll(left * 1000):
+                self._down("no reply to a fence PING in time")
+                return
+            if self._recv() > 0:
+                self._apply()
+
+    # -- state -------------------------------------------------------------------------
+    def _down(self, reason: str) -> None:
+        """Forget everything and close the connection (lock held)."""
+        was_up = self._up
+        self._up = False
+        self._pending.clear()
+        if self._conn is not None:
+            conn, self._conn, self._sock = self._conn, None, None
+            with contextlib.suppress(Exception):  # closing a broken socket
+                conn.disconnect()
+        self._listener.reset()
+        if was_up and reason != self._last_reason:
+            logger.warning(
+                "ormcache: near cache off until its push channel to %s is back: %s",
+                self.where,
+                reason,
+            )
+        self._last_reason = reason
+
+    def _setup(self) -> None:
+        """Connect, turn tracking on and install the connection (lock not held: the
+        connect may wait up to its timeout)."""
+        import hiredis
+
+        conn = self._connect()
+        conn.connect()
+        sock = conn._sock
+        reader = hiredis.Reader()
+        args = ["CLIENT", "TRACKING", "ON", "BCAST"]
+        for prefix in self._prefixes:
+            args += ["PREFIX", prefix]
+        frame = b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
+        )
+        sock.sendall(frame)
+        # Read the reply ourselves: pushes may follow it in the same segment, and
+        # redis-py's parser would keep them in its own buffer.
+        sock.settimeout(max(self.interval, 0.5))
+        reply: Any = False
+        while reply is False:
+            n = sock.recv_into(self._buf)
+            if n == 0:
+                raise ConnectionError("closed during CLIENT TRACKING")
+            reader.feed(self._buf, 0, n)  # type: ignore[arg-type] # any buffer works
+            reply = reader.gets()
+        if reply != b"OK":
+            raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
+        sock.setblocking(False)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        with self.lock:
+            if self._closed or self._pid != os.getpid():
+                conn.disconnect()
+                return
+            self._conn, self._sock, self._reader, self._poll = conn, sock, reader, poller
+            self._push = hiredis.PushNotification
+            self._tls = isinstance(sock, ssl.SSLSocket)
+            self._pending.clear()
+            self.epoch += 1
+            # Nothing learned before this moment was covered by these pushes.
+            self._listener.reset()
+            self._up = True
+            # The reader may already hold pushes that came with the reply.
+            self._apply()
+            if self._last_reason:
+                logger.warning("ormcache: near cache on again (%s)", self.where)
+            self._last_reason = ""
+
+    def _ensure_thread(self) -> None:
+        """Start the health thread if this process has none (lock held)."""
+        if self._closed:
+            return
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._health, name="ormcache-near-cache", daemon=True
+        )
+        self._thread.start()
+
+    def _health(self) -> None:
+        stop = self._stop
+        while not stop.is_set():
+            if self._sock is None:
+                try:
+                    self._setup()
+                except Exception as exc:
+                    with self.lock:
+                        reason = f"cannot set up the push channel ({exc})"
+                        if reason != self._last_reason:
+                            logger.warning("ormcache: near cache off: %s: %s", self.where, reason)
+                        self._last_reason = reason
+            else:
+                with self.lock:
+                    self._check()
+            stop.wait(self.interval / 2)
+
+    def _check(self) -> None:
+        """One health step (lock held): drain, fail a ping left unanswered, ping."""
+        if not self._up:
+            return
+        self._drain()
+        if not self._up:
+            return
+        if self._pending:
+            if time.monotonic() - self._pending[0][1] > self.interval / 2:
+                self._down(
+                    f"no reply to a health ping within {self.interval / 2:.2f}s "
+                    "(Redis hung or unreachable)"
+                )
+            return
+        self._send(b"ROLE" if self._check_role else b"PING")
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            self._stop.set()
+            self._down("closed")
+
+    def _forked(self) -> None:
+        """In a child: drop the parent's socket without reading it, start afresh."""
+        self.lock = threading.Lock()
+        self._pid = os.getpid()
+        self._up = False
+        self._pending.clear()
+        sock, self._sock, self._conn = self._sock, None, None
+        if sock is not None:
+            # Closes only the child's descriptor; the parent's connection is unaffected.
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._thread = None
+        self._stop = threading.Event()
+        self._listener.reset()
+
+
+_channels: weakref.WeakSet[TrackingChannel] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for channel in list(_channels):
+        channel._forked()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_after_fork)

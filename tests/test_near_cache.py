@@ -1,0 +1,531 @@
+"""The near cache (README "Near cache"): Redis hits served from process memory, with
+read-after-commit intact. The database is the oracle; Redis's own command counters say
+whether a hit made a round trip; other processes do the writing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import selectinload, sessionmaker
+
+from ormcache import Cache, FromCache
+from ormcache.backends.near import NearCache
+from tests import near_workers
+from tests.models import Base, User, key_hash, seed
+from tests.redis_procs import PrivateRedis
+from tests.support.sql import SQLCounter
+
+KEY = "key-1-secret"
+
+
+@pytest.fixture
+def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A database several processes share, seeded."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/near.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    seed(sessionmaker(engine), n=3)
+    engine.dispose()
+    yield url
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def commands(server_url: str) -> int:
+    """Commands the server has processed, but for the health pings and this INFO."""
+    client = redis.Redis.from_url(server_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    # This connection's own handshake and INFO, and the channel's health pings.
+    skip = {
+        "cmdstat_ping",
+        "cmdstat_role",
+        "cmdstat_info",
+        "cmdstat_hello",
+        "cmdstat_client|setinfo",
+    }
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in skip)
+
+
+def wait_until(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
+
+
+def near_of(cache: Cache) -> NearCache:
+    backend = cache._core.backend
+    assert isinstance(backend, NearCache), "the near cache is not on"
+    return backend
+
+
+def warm(url: str, engine: Any, namespace: str, **options: Any) -> tuple[Cache, Any, NearCache]:
+    """A seeded database, an attached cache at ``url`` with the near cache up, and the
+    shared lookup already served from memory once."""
+    Session = sessionmaker(engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(url, namespace=namespace, **options)
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    near = near_of(cache)
+    assert wait_until(lambda: near.channel.current())
+    for _ in range(3):
+        name_of(KEY)
+    assert cache.stats().near_hits > 0
+    return cache, name_of, near
+
+
+def by_key(api_key: str) -> Any:
+    return (
+        select(User)
+        .where(User.api_key_hash == key_hash(api_key))
+        .options(FromCache(ttl=60), selectinload(User.addresses))
+    )
+
+
+def snapshot_of(user: User) -> tuple[Any, ...]:
+    return (
+        user.id,
+        user.name,
+        user.email,
+        user.balance,
+        user.created_at,
+        [(a.id, a.city) for a in user.addresses],
+    )
+
+
+def test_near_cache_is_the_default_on_redis(redis_url: str, namespace: str) -> None:
+    """``redis://`` gets a near cache unless ``near_cache=False``; memory:// never."""
+    on = Cache(redis_url, namespace=namespace)
+    off = Cache(redis_url, namespace=namespace, near_cache=False)
+    memory = Cache(namespace=namespace, near_cache=True)
+    try:
+        assert isinstance(on._core.backend, NearCache)
+        assert not isinstance(off._core.backend, NearCache)
+        assert not isinstance(memory._core.backend, NearCache)
+    finally:
+        on.close()
+        off.close()
+        memory.close()
+
+
+def test_near_hit_runs_no_sql_and_no_redis_command(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Once warm, FromCache and memoize hits equal the database and cost neither a
+    statement nor a Redis command."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(private_redis.url, namespace="near-nosql")
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    counter = SQLCounter(sqlite_engine)
+    with Session() as s:
+        oracle = snapshot_of(
+            s.scalars(
+                select(User)
+                .where(User.api_key_hash == key_hash(KEY))
+                .options(selectinload(User.addresses))
+            ).one()
+        )
+    assert wait_until(lambda: near_of(cache).channel.current())
+    for _ in range(3):  # miss and store, read back once, then near
+        with Session() as s:
+            s.scalars(by_key(KEY)).one()
+        name_of(KEY)
+    counter.reset()
+    before_cmds = commands(private_redis.url)
+    before = cache.stats()
+    for _ in range(100):
+        with Session() as s:
+            assert snapshot_of(s.scalars(by_key(KEY)).one()) == oracle
+        assert name_of(KEY) == oracle[1]
+    after = cache.stats()
+    assert counter.count == 0
+    assert commands(private_redis.url) - before_cmds == 0
+    assert after.near_hits - before.near_hits == 200
+    assert after.hits - before.hits == 200
+    cache.close()
+
+
+@pytest.mark.parametrize("action", ["commit", "invalidate-table", "invalidate-key"])
+def test_a_write_in_another_process_is_seen_by_the_next_read(
+    private_redis: PrivateRedis, db_url: str, action: str
+) -> None:
+    """Deterministic interleaving, 60 rounds: warm the near cache (near hits), another
+    process commits or invalidates and answers once its call has returned, then this
+    process reads at once. Every such read equals the new value.
+
+    This is the mutation check of the drain: a hit that served from memory without first
+    applying the pushes in its socket fails here, since the health thread drains only
+    every half second."""
+    engine = create_engine(db_url)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    namespace = f"near-{uuid.uuid4().hex[:8]}"
+    cache = Cache(private_redis.url, namespace=namespace)
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(
+        target=near_workers.writer, args=(db_url, private_redis.url, namespace, there)
+    )
+    proc.start()
+    try:
+        assert here.poll(30)
+        assert here.recv() == "ready"
+        assert wait_until(lambda: near_of(cache).channel.current())
+        near_before_writes = 0
+        for i in range(60):
+            for _ in range(3):
+                name_of(KEY)
+                if action != "invalidate-key":
+                    with Session() as s:
+                        s.scalars(by_key(KEY)).one()
+            near_before_writes = cache.stats().near_hits
+            value = f"v{i}"
+            here.send((action, KEY, value))
+            assert here.poll(30)
+            assert here.recv() == "done"
+            # The other process's call has returned: no read from now on may be older.
+            assert name_of(KEY) == value, f"round {i}: stale memoize read"
+            if action != "invalidate-key":
+                with Session() as s:
+                    assert s.scalars(by_key(KEY)).one().name == value, f"round {i}: stale"
+        assert near_before_writes > 60, "the near cache never served: the test is void"
+    finally:
+        here.send(None)
+        proc.join(30)
+        cache.close()
+        engine.dispose()
+    assert proc.exitcode == 0
+
+
+def tracking_clients(client: redis.Redis) -> list[int]:
+    return [int(c["id"]) for c in client.client_list() if "t" in c["flags"]]
+
+
+def test_killed_tracking_connection_turns_the_near_cache_off(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """``CLIENT KILL`` of the push connection: the near cache stops serving from memory
+    at once (a bump it can no longer hear about is never missed), then sets up a new
+    channel and serves again."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(private_redis.url, namespace="near-kill")
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    writer = Cache(private_redis.url, namespace="near-kill", near_cache=False)
+    admin = private_redis.client()
+    near = near_of(cache)
+    assert wait_until(lambda: near.channel.current())
+    for round_ in range(5):
+        for _ in range(3):
+            name_of(KEY)
+        assert wait_until(lambda: name_of(KEY) is not None and near.channel.current())
+        [tracker] = tracking_clients(admin)
+        admin.client_kill_filter(_id=tracker)
+        # Behind the cache's back, then invalidated from another cache: the killed
+        # channel cannot deliver this push.
+        with sqlite_engine.begin() as c:
+            c.execute(User.__table__.update().where(User.id == 2).values(name=f"killed{round_}"))
+        assert writer.invalidate(User, raise_on_error=True)
+        assert name_of(KEY) == f"killed{round_}"
+        assert wait_until(lambda: near.channel.current()), "the channel was not set up again"
+    hits = cache.stats().near_hits
+    name_of(KEY)
+    name_of(KEY)
+    assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > hits)
+    writer.close()
+    cache.close()
+
+
+def test_restarted_redis_never_serves_from_memory_what_it_lost(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Redis restarted (empty) while a process holds near entries: the next read, after a
+    write on the new server, is fresh; near hits resume by themselves."""
+    cache, name_of, near = warm(
+        private_redis.url, sqlite_engine, "near-restart", breaker_cooldown=0.2
+    )
+    private_redis.kill()
+    private_redis.start()
+    with sqlite_engine.begin() as c:
+        c.execute(User.__table__.update().where(User.id == 2).values(name="after restart"))
+    writer = Cache(private_redis.url, namespace="near-restart", near_cache=False)
+    assert writer.invalidate(User, raise_on_error=True)
+    assert name_of(KEY) == "after restart"
+    assert wait_until(lambda: near.channel.current())
+    before = cache.stats().near_hits
+    assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > before + 2)
+    writer.close()
+    cache.close()
+
+
+def test_frozen_redis_stops_near_hits_within_the_health_interval(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """A hung Redis (SIGSTOP) pushes nothing, so the process cannot know what changed:
+    within one health interval the near cache stops serving from memory."""
+    cache, name_of, near = warm(private_redis.url, sqlite_engine, "near-frozen", socket_timeout=0.1)
+    assert private_redis.proc is not None
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        assert wait_until(lambda: not near.channel.up, timeout=5)
+        took = time.monotonic() - stopped
+        near_hits = cache.stats().near_hits
+        for _ in range(5):
+            assert name_of(KEY) == "user1"  # from the database
+        assert cache.stats().near_hits == near_hits
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    assert took <= near.channel.interval + 0.3, took
+    assert wait_until(lambda: near.channel.current(), timeout=10)
+    cache.close()
+
+
+def test_a_forked_worker_opens_its_own_channel(private_redis: PrivateRedis, tmp_path: Any) -> None:
+    """A worker forked from a process that already served near hits never reads the
+    parent's socket: it sets up its own channel, serves near hits, and sees commits made
+    in the parent."""
+    url = f"sqlite:///{tmp_path}/fork.db"
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    cache, name_of, near = warm(private_redis.url, engine, "near-fork")
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+
+    def child() -> None:
+        engine.dispose(close=False)
+        ok = wait_until(lambda: (name_of(KEY), near.channel.current())[1], timeout=10)
+        there.send(("up", ok, name_of(KEY)))
+        for _ in range(5):
+            name_of(KEY)
+        there.send(("near", cache.stats().near_hits))
+        assert there.recv() == "committed"
+        there.send(("after", name_of(KEY)))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    try:
+        assert here.poll(20)
+        assert here.recv() == ("up", True, "user1")
+        assert here.poll(10)
+        _kind, near_hits = here.recv()
+        assert near_hits > 0
+        with Session() as s:
+            s.get(User, 2).name = "from the parent"  # type: ignore[union-attr]
+            s.commit()
+        here.send("committed")
+        assert here.poll(10)
+        assert here.recv() == ("after", "from the parent")
+        # The parent's own channel is unharmed by the child.
+        assert name_of(KEY) == "from the parent"
+        assert wait_until(lambda: near.channel.current())
+    finally:
+        proc.join(20)
+        cache.close()
+        engine.dispose()
+    assert proc.exitcode == 0
+
+
+def test_near_cache_memory_is_bounded(redis_url: str, sqlite_engine: Any, namespace: str) -> None:
+    """Entries are bounded by count (``near_cache=N``) and by bytes (``max_bytes``)."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(redis_url, namespace=namespace, near_cache=20, max_bytes=200_000)
+    near = near_of(cache)
+    assert wait_until(lambda: near.channel.current())
+
+    @cache.memoize(ttl=60)
+    def blob(i: int) -> str:
+        return "x" * 20_000 + str(i)
+
+    for i in range(100):
+        for _ in range(2):
+            assert blob(i).endswith(str(i))
+    tables = near._tables
+    assert 0 < len(tables.entries) <= 20
+    assert tables.bytes <= 200_000
+    assert len(tables.entries) < 10  # 20 kB each: the byte bound binds first
+    small = Cache(redis_url, namespace=namespace + "s", near_cache=5)
+    near_small = near_of(small)
+    assert wait_until(lambda: near_small.channel.current())
+
+    @small.memoize(ttl=60)
+    def tiny(i: int) -> int:
+        return i
+
+    for i in range(50):
+        tiny(i)
+        tiny(i)
+    assert len(near_small._tables.entries) <= 5
+    cache.close()
+    small.close()
+
+
+def test_many_pushes_at_once_are_all_applied(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """More pushes than one socket read holds (30,000 bumps while the process is idle,
+    the commit that matters among them): the hit applies every one, fencing with a PING
+    when its buffer came back full, and never serves the old value."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(private_redis.url, namespace="near-flood")
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    near = near_of(cache)
+    assert wait_until(lambda: near.channel.current())
+    writer = Cache(private_redis.url, namespace="near-flood", near_cache=False)
+    for round_ in range(3):
+        for _ in range(3):
+            name_of(KEY)
+        client = private_redis.client()
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(30_000):
+                pipe.incr(f"near-flood:g:noise-{round_}-{i}")
+            pipe.execute()
+        client.close()
+        with sqlite_engine.begin() as c:
+            c.execute(User.__table__.update().where(User.id == 2).values(name=f"flood{round_}"))
+        assert writer.invalidate(User, raise_on_error=True)
+        assert name_of(KEY) == f"flood{round_}"
+    writer.close()
+    cache.close()
+
+
+def test_threads_share_one_channel_without_stale_reads(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """8 threads read through near hits while another cache commits; every read that
+    started after a commit returned sees it."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(private_redis.url, namespace="near-threads")
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    writer_cache = Cache(private_redis.url, namespace="near-threads", near_cache=False)
+    WSession = sessionmaker(create_engine(str(sqlite_engine.url)), expire_on_commit=False)
+    writer_cache.attach(WSession)
+    near = near_of(cache)
+    assert wait_until(lambda: near.channel.current())
+    published = [0]
+    stop = threading.Event()
+    stale: list[tuple[int, int]] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            floor = published[0]
+            name = name_of(KEY)
+            got = 0 if name == "user1" else int(name[1:])
+            reads[0] += 1
+            if got < floor:
+                stale.append((floor, got))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for v in range(1, 80):
+        with WSession() as s:
+            s.get(User, 2).name = f"v{v}"  # type: ignore[union-attr]
+            s.commit()
+        published[0] = v
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert stale == []
+    assert cache.stats().near_hits > 0
+    assert reads[0] > 200
+    writer_cache.close()
+    cache.close()
+
+
+NEAR_RACE_READS = int(os.environ.get("ORMCACHE_NEAR_RACE_READS", "100000"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chaos", ["none", "kill-channel", "restart-redis"])
+@pytest.mark.parametrize("mode", ["fromcache", "memoize"])
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_no_stale_reads_across_processes_with_the_near_cache(
+    request: pytest.FixtureRequest, tmp_path: Any, database: str, mode: str, chaos: str
+) -> None:
+    """The cross-process race (2 writers, 3 readers, separate processes) with the near
+    cache on: 0 stale reads, and most reads served from process memory. Under chaos the
+    push connections are killed (``CLIENT KILL``) every 2 s, or Redis is restarted (empty)
+    every 3 s: still 0 stale."""
+    from tests.test_consistency import race_across_processes
+
+    db_url = request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    action = None
+    every = 2.0
+    if chaos == "kill-channel":
+
+        def action() -> None:
+            admin = server.client()
+            for client_id in tracking_clients(admin):
+                admin.client_kill_filter(_id=client_id)
+            admin.close()
+
+    elif chaos == "restart-redis":
+        every = 3.0
+
+        def action() -> None:
+            server.kill()
+            server.start()
+
+    try:
+        totals = race_across_processes(
+            db_url,
+            server.url,
+            f"near-race-{uuid.uuid4().hex[:8]}",
+            mode,
+            f"{database}/near/{chaos}",
+            writer_pause=0.02,
+            reads_required=NEAR_RACE_READS if chaos == "none" else NEAR_RACE_READS // 5,
+            chaos=action,
+            chaos_every=every,
+        )
+    finally:
+        server.kill()
+    assert totals["stale"] == 0
+    if chaos == "none":
+        assert totals["near_hits"] > 0.8 * totals["reads"], totals
+    else:
+        assert totals["near_hits"] > 0, totals
