@@ -96,6 +96,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         # Signs every cached entry (see the README): without it, whoever can write to
         # Redis can plant an entry that authenticates a made-up key.
         ORMCACHE_SECRET=os.environ.get("ORMCACHE_SECRET") or None,
+        # Unset: the default for the URL (on for redis://). "false" turns it off.
+        ORMCACHE_NEAR_CACHE=os.environ.get("ORMCACHE_NEAR_CACHE") or None,
         KEYSERVICE_NEGATIVE_TTL=float(os.environ.get("KEYSERVICE_NEGATIVE_TTL", "30")),
     )
     if config:
