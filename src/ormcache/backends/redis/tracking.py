@@ -7,8 +7,9 @@ Why one connection of our own, read without blocking: RESP3 delivers the invalid
 pushes on the tracking connection itself, in order with that connection's replies, so
 there is no second connection whose messages could overtake the first (the race Redis's
 documentation describes for the RESP2 ``REDIRECT`` mode). A hit asks :meth:`current`,
-which reads whatever the socket holds (one ``poll(0)`` when it holds nothing, well under
-a microsecond) and applies it before anything is served from memory.
+which reads whatever the socket holds (one zero-timeout ``epoll_wait``, or ``poll``
+where there is no epoll, when it holds nothing: a fraction of a microsecond) and applies
+it before anything is served from memory.
 
 When the channel's state is unknown, nothing is served from memory:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -49,6 +51,43 @@ logger = logging.getLogger("ormcache")
 #: turns the near cache off until the channel is set up again.
 HEALTH_INTERVAL = 1.0
 _BUFFER = 1 << 16
+
+
+class _Readiness:
+    """Whether one socket has something to read: :meth:`now` without waiting (every
+    hit asks), :meth:`wait` up to a timeout (a fence).
+
+    epoll where the platform has it: ``poll`` hands the kernel its registrations on
+    every call and epoll keeps them there, so epoll's zero-timeout check costs about
+    half as much (0.27 against 0.45-0.9 µs here), and a near hit is mostly this check.
+    Both are level-triggered, and both report a hang-up or an error whatever was asked.
+    """
+
+    __slots__ = ("_epoll", "_poll", "now")
+
+    def __init__(self, sock: Any) -> None:
+        epoll = getattr(select, "epoll", None)
+        self._epoll: Any = None
+        self._poll: Any = None
+        if epoll is not None:
+            self._epoll = epoll(1)
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            # At most one event: the default sizes a buffer for 1023 on every call.
+            self.now: Callable[[], list[Any]] = functools.partial(self._epoll.poll, 0, 1)
+        else:  # pragma: no cover - not on Linux
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
+            self.now = functools.partial(self._poll.poll, 0)
+
+    def wait(self, seconds: float) -> bool:
+        if self._epoll is not None:
+            return bool(self._epoll.poll(seconds, 1))
+        return bool(self._poll.poll(seconds * 1000))  # pragma: no cover - not on Linux
+
+    def close(self) -> None:
+        """Release the epoll descriptor (in a forked child: only the child's copy)."""
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 class Listener(Protocol):
@@ -91,7 +130,7 @@ class TrackingChannel:
         self._up = False
         self._sock: Any = None
         self._conn: Any = None
-        self._poll: Any = None
+        self._poll: Any = None  # a _Readiness while connected
         self._tls = False
         self._reader: Any = None
         self._push: Any = type(None)
@@ -111,7 +150,7 @@ class TrackingChannel:
             if not self._up:
                 self._ensure_thread()
                 return False
-            if self._poll.poll(0) or (self._tls and self._sock.pending()):
+            if self._poll.now() or (self._tls and self._sock.pending()):
                 self._drain()
             return self._up
 
@@ -210,7 +249,7 @@ class TrackingChannel:
         deadline = time.monotonic() + self.interval / 2
         while self._up and len(self._pending) >= wanted:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._poll.poll(left * 1000):
+            if left <= 0 or not self._poll.wait(left):
                 self._down("no reply to a fence PING in time")
                 return
             if self._recv() > 0:
@@ -226,6 +265,7 @@ class TrackingChannel:
             conn, self._conn, self._sock = self._conn, None, None
             with contextlib.suppress(Exception):  # closing a broken socket
                 conn.disconnect()
+        self._close_poll()
         self._listener.reset()
         if was_up and reason != self._last_reason:
             logger.warning(
@@ -264,12 +304,13 @@ class TrackingChannel:
         if reply != b"OK":
             raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
         sock.setblocking(False)
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
+        poller = _Readiness(sock)
         with self.lock:
             if self._closed or self._pid != os.getpid():
+                poller.close()
                 conn.disconnect()
                 return
+            self._close_poll()
             self._conn, self._sock, self._reader, self._poll = conn, sock, reader, poller
             self._push = hiredis.PushNotification
             self._tls = isinstance(sock, ssl.SSLSocket)
@@ -283,6 +324,11 @@ class TrackingChannel:
             if self._last_reason:
                 logger.warning("ormcache: near cache on again (%s)", self.where)
             self._last_reason = ""
+
+    def _close_poll(self) -> None:
+        poller, self._poll = self._poll, None
+        if poller is not None:
+            poller.close()
 
     def _ensure_thread(self) -> None:
         """Start the health thread if this process has none (lock held)."""
@@ -347,6 +393,7 @@ class TrackingChannel:
             # Closes only the child's descriptor; the parent's connection is unaffected.
             with contextlib.suppress(OSError):
                 sock.close()
+        self._close_poll()
         self._thread = None
         self._stop = threading.Event()
         self._listener.reset()
