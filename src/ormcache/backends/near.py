@@ -199,11 +199,9 @@ class NearCache:
             found = tables.entries.get(key)
             if found is not None:
                 entry, names, _ = found
-                gens = tables.gens
-                for name, gen in zip(names, entry.gens, strict=True):
-                    if gens.get(name) != gen:
-                        break
-                else:
+                # Every recorded generation against the table, in one C-level pass (a
+                # generation the table lost reads as None, which matches nothing).
+                if tuple(map(tables.gens.get, names)) == entry.gens:
                     self._on_near_hit()
                     return entry
         seq, epoch = tables.seq, channel.epoch
