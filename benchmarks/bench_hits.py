@@ -464,11 +464,22 @@ def chart(results: dict[str, float], path: Path) -> None:
         "#e07b1a" if NEAR in k else "#2b7bba" if "ormcache" in k else "#999999" for k, _ in items
     ]
     ax.barh([k for k, _ in items], [v * 1e6 for _, v in items], color=colours)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[
+            Patch(color="#e07b1a", label="ormcache, Redis with the near cache"),
+            Patch(color="#2b7bba", label="ormcache, Redis round trip or memory backend"),
+            Patch(color="#999999", label="others, and the uncached queries"),
+        ],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.07),
+    )
     ax.set_xlabel("median µs per call (lower is better)")
     ax.set_title("Cache hit cost: one user by API-key hash")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
