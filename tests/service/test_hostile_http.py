@@ -4,16 +4,24 @@ malformed requests are JSON, and no raw key or password reaches the server's log
 
 from __future__ import annotations
 
+import base64
+import random
+import socket
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 from examples.keyservice.launch import running_service
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-from tests.support.rawhttp import exchange, open_stalled, read_response
+from tests.support.rawhttp import RawResponse, exchange, open_stalled, read_response
 
 # Short deadlines keep the tests fast; production uses 10 s (see serving.py).
 BODY_TIMEOUT = 2.0
@@ -238,3 +246,302 @@ def test_malformed_header_lines_never_reach_the_log(hostile: dict[str, object]) 
     leaked = [s for s in keys + hostile["secrets"] if s in log]  # type: ignore[operator]
     assert leaked == []
     assert "rejected a malformed or incomplete request" in log  # it does speak of them
+
+
+# The fuzz acceptance run ------------------------------------------------------------------
+
+U0130_EMAIL = "\u0130" * 32 + "@" + "a" * 189 + "." + "b" * 30  # longer once lower-cased
+
+
+@dataclass
+class Hostile:
+    """One request as bytes: ``head`` (request line and headers), ``body``, and how it is
+    sent: whole, ``stall`` (part of the body, then nothing: left open), or ``cut`` (part
+    of the body, then the sending side closed)."""
+
+    head: bytes
+    body: bytes = b""
+    send: str = "whole"
+
+    def __repr__(self) -> str:  # short, for Hypothesis' report
+        return f"Hostile({self.head[:160]!r}, body={self.body[:80]!r}, send={self.send})"
+
+
+# Replaced by a fresh address of the same length when sent, so Content-Length holds.
+EMAIL = "e" * 12 + "@example.com"
+
+
+def _json_bytes(text: str) -> bytes:
+    return text.replace("EMAIL", EMAIL).encode("utf-8")
+
+
+BODIES: list[bytes] = [
+    b"",
+    _json_bytes('{"name": "n", "email": "EMAIL"}'),
+    _json_bytes('{"name": ' + "[" * 20_000 + "]" * 20_000 + "}"),  # nested past recursion
+    _json_bytes('{"name": ' + '{"a":' * 5_000 + "1" + "}" * 5_000 + ', "email": "EMAIL"}'),
+    _json_bytes('{"name": "\\ud800", "email": "EMAIL"}'),  # lone surrogates
+    _json_bytes('{"name": "n", "email": "\\udfff\\ud800@example.com"}'),
+    _json_bytes('{"name": "n", "email": "' + U0130_EMAIL + '"}'),
+    _json_bytes('{"name": "a\\u0000b", "email": "EMAIL"}'),
+    _json_bytes('{"name": "' + "n" * 5000 + '", "email": "EMAIL"}'),
+    _json_bytes('{"name": 1, "email": null}'),
+    _json_bytes("[1, 2, 3]"),
+    _json_bytes('"just a string"'),
+    _json_bytes('{"name": "n", "email": "EMAIL", "name": "dup"}'),
+    _json_bytes('{"name": "n", "email": "EMAIL"'),  # truncated JSON
+    b'{"name": "\xff\xfe", "email": "%s"}' % EMAIL.encode(),  # not UTF-8
+    b"\xef\xbb\xbf" + _json_bytes('{"name": "bom", "email": "EMAIL"}'),
+    _json_bytes('{"name": 1e999999, "email": "EMAIL"}'),
+    b"x" * (MAX_BODY + 10),  # over the limit
+]
+CONTENT_TYPES = [
+    None,
+    b"application/json",
+    b"application/json; charset=latin-1",
+    b"text/plain",
+    b"application/x-www-form-urlencoded",
+    b"multipart/form-data; boundary=x",
+    b"application/\xff\xfejson",
+    b"application/json\x00",
+]
+PATHS = [
+    b"/users",
+    b"/me",
+    b"/keys/rotate",
+    b"/keys/revoke",
+    b"/health",
+    b"/stats",
+    b"/openapi.json",
+    b"/nope",
+    b"/me/KEY",
+    b"/me?api_key=KEY&password=PASSWORD",
+    b"/%ff%fe%00",
+    b"/\xff\xfe",
+    b"/" + b"a" * 5000,
+    b"/" + b"a" * 9000 + b"?KEY",
+    b"//../../etc/passwd",
+    b"*",
+    b"http://evil.example/me",
+]
+METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"G\x00T", b"\xff"]
+VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 junk", b"", b"HTTP/1.\xff"]
+AUTH = [
+    [],
+    [b"Authorization: Bearer KEY"],
+    [b"Authorization Bearer KEY"],  # no colon
+    [b"Authorization: Bearer KEY", b"Authorization: Bearer KEY2"],
+    [b"authorization: bEaReR KEY"],
+    [b"X-API-Key: KEY"],
+    [b"Authorization: Basic BASIC"],
+    [b"Authorization: Bearer KEY\x00"],
+    [b"Authorization: Bearer \xff\xfeKEY"],
+    [b"Authorization : Bearer KEY"],
+    [b"Authorization:Bearer KEY", b" continued-KEY"],  # obsolete folding
+    [b"Authorization: Bearer " + b"K" * 9000 + b"KEY"],
+    [b"Authorization: Bearer KEY " + b"x" * 300],
+    [b"X_API_Key: KEY"],
+]
+EXTRA = [
+    [],
+    [b"X-Big: " + b"a" * 9000],
+    [b"X-%d: KEY" % i for i in range(150)],
+    [b"X-Nul: a\x00b"],
+    [b"X-Bytes: \xff\xfe\xfd"],
+    [b"Expect: 100-continue"],
+    [b"Transfer-Encoding: gzip"],
+    [b"Content-Length: 5", b"Content-Length: 6"],
+    [b"Host: a", b"Host: b"],
+    [b"\x00: x"],
+]
+
+
+@st.composite
+def hostile_requests(draw: st.DrawFn) -> Hostile:
+    """A request from the catalogues above, framed honestly or not."""
+    # Mostly well-formed outside the part under test, so that most requests reach the app.
+    method = draw(st.sampled_from([b"GET", b"POST"] * 4 + METHODS))
+    path = draw(st.sampled_from(PATHS[:4] * 3 + PATHS))
+    version = draw(st.sampled_from(VERSIONS[:1] * 10 + VERSIONS))
+    auth = draw(st.sampled_from(AUTH[1:2] * 4 + AUTH))
+    extra = draw(st.sampled_from(EXTRA[:1] * 10 + EXTRA))
+    lines = [b"Host: t", *auth, *extra]
+    ctype = draw(st.sampled_from(CONTENT_TYPES[1:2] * 4 + CONTENT_TYPES))
+    if ctype is not None:
+        lines.append(b"Content-Type: " + ctype)
+    body = draw(st.one_of(st.sampled_from(BODIES), st.binary(max_size=300)))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "none", "more", "less"]))
+    send = "whole"
+    if framing == "length":
+        lines.append(b"Content-Length: %d" % len(body))
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    elif framing == "more":  # announces more than it sends
+        lines.append(b"Content-Length: %d" % (len(body) + draw(st.sampled_from([1, 1000, 10**6]))))
+        send = draw(st.sampled_from(["stall", "cut"]))
+    elif framing == "less":  # the rest is read as a next request
+        lines.append(b"Content-Length: %d" % (len(body) // 2))
+    lines.append(b"Connection: close")
+    head = b" ".join(p for p in (method, path, version) if p) + b"\r\n"
+    return Hostile(head + b"".join(line + b"\r\n" for line in lines) + b"\r\n", body, send)
+
+
+class HealthWatch(threading.Thread):
+    """Asks /health every 100 ms on a fresh connection until stopped: what it cost."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base = base
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            start = time.monotonic()
+            try:
+                resp = requests.get(
+                    f"{self.base}/health", timeout=2.0, headers={"Connection": "close"}
+                )
+                if resp.status_code != 200:
+                    self.failures.append(f"{resp.status_code} {resp.text[:100]}")
+            except requests.RequestException as exc:
+                self.failures.append(type(exc).__name__)
+            self.latencies.append(time.monotonic() - start)
+
+
+def check(request: Hostile, answer: RawResponse) -> None:
+    """An answer within the client timeout, never a 5xx, and errors in JSON. Only a client
+    that closed its sending side mid-body (it has gone) may get none."""
+    assert not answer.hung, f"no answer within {answer.elapsed:.1f} s to {request}"
+    if answer.status is None:
+        assert answer.reset or request.send == "cut", f"closed unanswered: {request}"
+        return
+    assert answer.status < 500, f"{answer.status} {answer.body[:200]!r} to {request}"
+    if answer.status >= 400:
+        assert answer.is_json, f"{answer.status} not JSON: {answer.raw[:300]!r} to {request}"
+
+
+def test_fuzz_hostile_requests_get_no_5xx_no_hang_and_leak_nothing(
+    hostile: dict[str, object],
+) -> None:
+    """Issue 12, acceptance: hostile requests over real HTTP under gunicorn with several
+    workers, a Redis cache (password, unique namespace, signed) and PostgreSQL: deeply
+    nested JSON, lone surrogates, the U+0130 e-mail, huge, stalled and short bodies,
+    header variants (no colon, ``Authorization Bearer <key>``, duplicate Authorization,
+    huge headers, long URIs, bad request lines, non-UTF-8 bytes, NUL), wrong content
+    types. Every one is answered (each within its client timeout; stalled ones with 408
+    once the body timeout passes) and none with a 5xx; error answers are JSON; /health
+    answers throughout. Then the server log, at debug level, holds no raw key (live,
+    rotated or issued during the run) and no password."""
+    base, port = str(hostile["base"]), int(hostile["port"])  # type: ignore[call-overload]
+    password = f"hunter2-{uuid.uuid4().hex}"
+    basic = base64.b64encode(f"user:{password}".encode())
+    keys = [new_key(base) for _ in range(4)]
+    statuses: Counter[str] = Counter()
+    stalled: list[tuple[Hostile, socket.socket]] = []
+
+    def send(request: Hostile) -> None:
+        substitutions = [
+            (b"KEY2", random.choice(keys).encode()),
+            (b"KEY", random.choice(keys).encode()),
+            (b"PASSWORD", password.encode()),
+            (b"BASIC", basic),
+            (EMAIL.encode(), f"{uuid.uuid4().hex[:12]}@example.com".encode()),
+        ]
+        head, body = request.head, request.body
+        for placeholder, value in substitutions:
+            head, body = head.replace(placeholder, value), body.replace(placeholder, value)
+        if request.send == "stall":  # answered (408) at the end of the body timeout
+            stalled.append((request, open_stalled(port, head + body)))
+            return
+        cut = request.send == "cut"
+        answer = exchange(port, head, rest=body, half_close=cut, timeout=BODY_TIMEOUT + 3)
+        statuses[f"{request.send} {answer.status}"] += 1
+        check(request, answer)
+        document = answer.json() if answer.status in (200, 201) and answer.body else None
+        if isinstance(document, dict) and isinstance(document.get("api_key"), str):
+            keys.append(document["api_key"])  # issued now: never to be logged either
+
+    @settings(
+        max_examples=1000,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],  # no shrinking: each failure says what was sent
+    )
+    @given(hostile_requests())
+    def fuzz(request: Hostile) -> None:
+        send(request)
+
+    watch = HealthWatch(base)
+    watch.start()
+    started = time.monotonic()
+    try:
+        for request in catalogue():  # every entry once, whatever Hypothesis draws
+            send(request)
+        fuzz()
+        for request, sock in stalled:
+            answer = read_response(sock, timeout=BODY_TIMEOUT + 5)
+            statuses[f"stall {answer.status}"] += 1
+            check(request, answer)
+    finally:
+        watch.done.set()
+        watch.join()
+        for _, sock in stalled:
+            sock.close()
+    print(
+        f"{sum(statuses.values())} requests in {time.monotonic() - started:.1f} s: "
+        f"{dict(sorted(statuses.items()))}; /health {len(watch.latencies)} times, "
+        f"max {max(watch.latencies) * 1000:.0f} ms"
+    )
+    assert watch.failures == []
+    assert max(watch.latencies) < 1.5
+    assert sum(statuses.values()) > 1000
+
+    time.sleep(0.5)  # the workers' last log lines reach the file
+    log = Path(hostile["log"]).read_text(errors="replace")  # type: ignore[arg-type]
+    secrets = [*keys, password, basic.decode(), *hostile["secrets"]]  # type: ignore[misc]
+    assert [s for s in secrets if s in log] == []
+
+
+def _request(
+    method: bytes = b"GET",
+    path: bytes = b"/me",
+    lines: tuple[bytes, ...] = (b"Authorization: Bearer KEY",),
+    body: bytes | None = None,
+    *,
+    version: bytes = b"HTTP/1.1",
+    length: int | None = None,
+    send: str = "whole",
+) -> Hostile:
+    if body is not None:
+        lines = (*lines, b"Content-Length: %d" % (len(body) if length is None else length))
+    head = b" ".join(p for p in (method, path, version) if p) + b"\r\n"
+    head += b"".join(line + b"\r\n" for line in (b"Host: t", *lines, b"Connection: close"))
+    return Hostile(head + b"\r\n", body or b"", send)
+
+
+def catalogue() -> Iterator[Hostile]:
+    """Each entry of the catalogues once, the rest of the request well-formed."""
+    for auth in AUTH:
+        yield _request(lines=tuple(auth))
+    for extra in EXTRA:
+        yield _request(lines=(b"Authorization: Bearer KEY", *extra))
+    for path in PATHS:
+        yield _request(path=path)
+    for method in METHODS:
+        yield _request(method, b"/users")
+    for version in VERSIONS:
+        yield _request(path=b"/health", version=version)
+    json_type = b"Content-Type: application/json"
+    for ctype in CONTENT_TYPES:
+        lines = (b"Content-Type: " + ctype,) if ctype is not None else ()
+        yield _request(b"POST", b"/users", lines, BODIES[1])
+    for body in BODIES:
+        yield _request(b"POST", b"/users", (json_type,), body)
+        yield _request(b"POST", b"/users", (json_type,), body, length=len(body) + 10, send="stall")
+        yield _request(b"POST", b"/users", (json_type,), body, length=len(body) + 10, send="cut")
+    for path in (b"/keys/rotate", b"/keys/revoke"):
+        yield _request(b"POST", path, (b"Authorization: Bearer KEY", json_type), b"{}")
