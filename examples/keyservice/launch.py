@@ -49,7 +49,8 @@ def gunicorn_command(
         "examples.keyservice.serving.Worker",
         "--logger-class",
         "examples.keyservice.serving.RedactingLogger",
-        "--preload",
+        # Several workers: the master creates the tables once, before forking them.
+        *(["--preload"] if workers > 1 else []),
         "--graceful-timeout",
         "5",
         # No management socket: a shared default path would tie unrelated servers together.
