@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from examples.keyservice.launch import running_service
 from hypothesis import HealthCheck, Phase, given, settings
@@ -40,11 +41,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     tmp = tmp_path_factory.mktemp("hostile")
     password = f"pw-{uuid.uuid4().hex}"
     server = PrivateRedis(str(tmp / "redis"))
-    server.start()
-    import redis
-
-    with redis.Redis(port=server.port) as admin:
-        admin.config_set("requirepass", password)
     secret = f"sig-{uuid.uuid4().hex}"
     env = {
         "DATABASE_URL": POSTGRES_URL,
@@ -57,6 +53,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     }
     log = tmp / "gunicorn.log"
     try:
+        server.start()
+        with redis.Redis(port=server.port) as admin:
+            admin.config_set("requirepass", password)
         with running_service(env, workers=3, log_path=log, log_level="debug") as base:
             yield {
                 "base": base,
