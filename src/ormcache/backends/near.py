@@ -21,8 +21,10 @@ processes a later command, so by the time the release's reply reaches the writer
 lease's pushes already sit in every reader's socket, and the reader's hit drains them
 before it looks at memory. Every other invalidation that returns to its caller
 (``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
-``PING`` on the same connection for the same reason. Across hosts the window is the
-push's one-way network delay.
+``PING`` on the same connection for the same reason. Across hosts a reader can be served
+the old entry for about its own one-way delay from Redis minus the writer's last round
+trip and COMMIT: none while the links are alike, never longer than the reader's one-way
+delay (``benchmarks/bench_push_delay.py`` measures it).
 
 Stores are remembered too (see :meth:`NearCache.set`), so a miss costs no extra round
 trip afterwards.
