@@ -77,6 +77,7 @@ def reader(
     seed: int,
     results: Any,
     progress: Any,
+    pause: float = 0.0,
 ) -> None:
     cache, Session = _setup(db_url, redis_url, namespace)
 
@@ -138,6 +139,10 @@ def reader(
         if got < floor:
             stale += 1
             worst = max(worst, floor - got)
+        if pause:
+            # Near hits take microseconds: without a pause, three readers on two cores
+            # would starve the writers the race needs.
+            time.sleep(pause)
     stats = cache.stats()
     results.put((reads, stale, worst, stats.hits, stats.store_conflicts, stats.near_hits))
     cache.close()

@@ -51,11 +51,14 @@ def race_across_processes(
     reads_required: int = READS_REQUIRED,
     chaos: Callable[[], None] | None = None,
     chaos_every: float = 2.0,
+    min_seconds: float = 0.0,
+    reader_pause: float = 0.0,
 ) -> dict[str, int]:
     """The race itself, for any database and cache URL (Sentinel and Cluster run it too).
 
     ``chaos`` runs every ``chaos_every`` seconds while the race goes on (killing the
-    near cache's push connections, restarting Redis). Returns the totals."""
+    near cache's push connections, restarting Redis); the race lasts at least
+    ``min_seconds``. Returns the totals."""
     n_rows = 4
     engine = create_engine(db_url)
     race_workers.Base.metadata.drop_all(engine)
@@ -90,6 +93,7 @@ def race_across_processes(
                 i,
                 results,
                 progress,
+                reader_pause,
             ),
         )
         for i in range(3)
@@ -97,10 +101,13 @@ def race_across_processes(
     for p in writers + readers:
         p.start()
     # Run until enough reads are done (bounded: the test stops itself after 120 s).
-    deadline = time.monotonic() + 120
-    next_chaos = time.monotonic() + chaos_every
+    started = time.monotonic()
+    deadline = started + 120
+    next_chaos = started + chaos_every
     chaos_runs = 0
-    while progress.value < reads_required + 500 and time.monotonic() < deadline:
+    while (
+        progress.value < reads_required + 500 or time.monotonic() < started + min_seconds
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
         if chaos is not None and time.monotonic() >= next_chaos:
             chaos()

@@ -346,3 +346,39 @@ def test_init_app_maps_the_resource_bounds() -> None:
     assert settings.max_bytes == 1_048_576
     assert settings.generation_ttl == 30.0
     cache.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("false", False),
+        ("0", False),
+        (False, False),
+        ("true", True),
+        ("1", True),
+        (True, True),
+        ("5000", 5000),
+        (250, 250),
+    ],
+)
+def test_init_app_maps_the_near_cache(value: object, expected: object, redis_url: str) -> None:
+    """``ORMCACHE_NEAR_CACHE`` takes a boolean or a number of entries (``True`` is not
+    one entry), and reaches the cache: off means the plain Redis backend."""
+    from ormcache.backends.near import NearCache
+
+    app = Flask(__name__)
+    app.config.update(ORMCACHE_URL=redis_url, ORMCACHE_NEAR_CACHE=value)
+    cache = Cache()
+    cache.init_app(app)
+    assert cache._core.settings.near_cache == expected
+    assert isinstance(cache.backend, NearCache) is bool(expected)
+    if isinstance(expected, int) and not isinstance(expected, bool):
+        assert cache.backend._tables.max_entries == expected  # type: ignore[attr-defined]
+    cache.close()
+
+
+def test_init_app_refuses_a_bad_near_cache_setting(redis_url: str) -> None:
+    app = Flask(__name__)
+    app.config.update(ORMCACHE_URL=redis_url, ORMCACHE_NEAR_CACHE="sometimes")
+    with pytest.raises(ConfigurationError, match="ORMCACHE_NEAR_CACHE"):
+        Cache().init_app(app)

@@ -176,6 +176,30 @@ def test_near_hit_runs_no_sql_and_no_redis_command(
     cache.close()
 
 
+def test_a_miss_is_remembered_so_the_next_read_costs_no_round_trip(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """What a miss stored is served from memory by the very next read (the store's own
+    push does not drop it), and a delete by another process right after still does."""
+    cache, name_of, _ = warm(private_redis.url, sqlite_engine, "near-store")
+    other = Cache(private_redis.url, namespace="near-store", near_cache=False)
+    other_name_of = near_workers.lookups(other, sessionmaker(sqlite_engine))
+    for round_ in range(20):
+        with sqlite_engine.begin() as c:
+            c.execute(User.__table__.update().where(User.id == 2).values(name=f"s{round_}"))
+        assert other_name_of.invalidate(KEY)
+        before_cmds = commands(private_redis.url)
+        assert name_of(KEY) == f"s{round_}"  # a miss: computed and stored
+        stored = commands(private_redis.url)
+        assert stored > before_cmds
+        near_hits = cache.stats().near_hits
+        assert name_of(KEY) == f"s{round_}"
+        assert cache.stats().near_hits == near_hits + 1
+        assert commands(private_redis.url) == stored
+    other.close()
+    cache.close()
+
+
 @pytest.mark.parametrize("action", ["commit", "invalidate-table", "invalidate-key"])
 def test_a_write_in_another_process_is_seen_by_the_next_read(
     private_redis: PrivateRedis, db_url: str, action: str
@@ -485,7 +509,8 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
     request: pytest.FixtureRequest, tmp_path: Any, database: str, mode: str, chaos: str
 ) -> None:
     """The cross-process race (2 writers, 3 readers, separate processes) with the near
-    cache on: 0 stale reads, and most reads served from process memory. Under chaos the
+    cache on: 0 stale reads, and over 80% of reads served from process memory (a
+    read-mostly load: the writers commit about 40 times a second in all). Under chaos the
     push connections are killed (``CLIENT KILL``) every 2 s, or Redis is restarted (empty)
     every 3 s: still 0 stale."""
     from tests.test_consistency import race_across_processes
@@ -517,10 +542,13 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
             f"near-race-{uuid.uuid4().hex[:8]}",
             mode,
             f"{database}/near/{chaos}",
-            writer_pause=0.02,
+            # A read-mostly load: each writer commits about every 50 ms.
+            writer_pause=0.05,
             reads_required=NEAR_RACE_READS if chaos == "none" else NEAR_RACE_READS // 5,
             chaos=action,
             chaos_every=every,
+            min_seconds=12.0,
+            reader_pause=0.0002,
         )
     finally:
         server.kill()

@@ -242,7 +242,8 @@ def test_generation_keys_live_about_as_long_as_their_entries(
     gens = list(client.scan_iter(match=f"{namespace}:g:*", count=1000))
     assert len(gens) > 200
     ttls = [client.pttl(name) for name in gens]
-    assert all(0 < ms <= 61_000 for ms in ttls), sorted(ttls)[-3:]
+    # At most the entry's TTL plus two generation TTLs (an extension's margin).
+    assert all(0 < ms <= 62_000 for ms in ttls), sorted(ttls)[-3:]
     time.sleep(2.5)  # past the short entries and their generations' margin
     hits = cache.stats().hits
     assert long_lived("key-0-secret") == 1  # its generations were kept for it

@@ -293,6 +293,13 @@ def test_sentinel_failover_under_load(tmp_path: Path, sqlite_engine: Any) -> Non
         while time.monotonic() < deadline and cache.stats().hits <= hits_after + 20:
             time.sleep(0.1)
         assert cache.stats().hits > hits_after + 20, "caching did not resume after failover"
+        # The near cache (on by default) follows the new master: its push channel is set
+        # up there, and hits are served from memory again.
+        near_after = cache.stats().near_hits
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and cache.stats().near_hits <= near_after + 20:
+            time.sleep(0.1)
+        assert cache.stats().near_hits > near_after + 20, "the near cache did not resume"
     finally:
         stop.set()
         for t in threads:
@@ -448,3 +455,65 @@ def test_no_stale_reads_across_processes_on_topologies(
     else:
         url = request.getfixturevalue("sentinel").url()
     race_across_processes(postgres_url, url, namespace, mode, topology)
+
+
+def test_near_cache_follows_a_sentinel_failover_that_demotes_the_master(
+    tmp_path: Path, sqlite_engine: Any
+) -> None:
+    """``SENTINEL FAILOVER``: the old master lives on as a replica, so the near cache's
+    push connection to it stays open. Its health check (``ROLE``) notices the demotion,
+    the channel moves to the new master, and a commit made there is seen by the next
+    read; near hits resume."""
+    from ormcache.backends.near import NearCache
+
+    setup = SentinelSetup(tmp_path / "demote")
+    setup.start()
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    cache = Cache(setup.url("?wait_replicas=0"), namespace="demote", breaker_cooldown=0.2)
+    cache.attach(Session)
+    writer = Cache(
+        setup.url("?wait_replicas=0"), namespace="demote", near_cache=False, breaker_cooldown=0.2
+    )
+    name_of = lookup_fn(cache, Session)
+    near = cache.backend
+    assert isinstance(near, NearCache)
+    try:
+        deadline = time.monotonic() + 5
+        while not near.channel.current() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(3):
+            assert name_of(keys[1]) == "user1"
+        assert cache.stats().near_hits > 0
+        old_master = setup.master.port
+        sentinel = redis.Redis(port=setup.sentinel_port)
+        sentinel.execute_command("SENTINEL", "FAILOVER", SentinelSetup.SERVICE)
+        sentinel.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and setup.current_master_port() == old_master:
+            time.sleep(0.05)
+        assert setup.current_master_port() == setup.replica.port
+        # Wait until the new master accepts writes, then write there behind the cache.
+        new_master = redis.Redis(port=setup.replica.port)
+        while time.monotonic() < deadline:
+            if new_master.info("replication")["role"] == "master":
+                break
+            time.sleep(0.05)
+        new_master.close()
+        with sqlite_engine.begin() as c:
+            c.execute(User.__table__.update().where(User.id == 2).values(name="demoted"))
+        while time.monotonic() < deadline and not writer.invalidate(User):
+            time.sleep(0.05)
+        # Until the channel has moved, nothing may come from memory: every read is new.
+        for _ in range(50):
+            assert name_of(keys[1]) == "demoted"
+            time.sleep(0.02)
+        before = cache.stats().near_hits
+        while time.monotonic() < deadline and cache.stats().near_hits <= before + 5:
+            name_of(keys[1])
+            time.sleep(0.01)
+        assert cache.stats().near_hits > before + 5, "the near cache did not resume"
+    finally:
+        writer.close()
+        cache.close()
+        setup.stop()

@@ -11,6 +11,7 @@ import click
 
 from ormcache.backends.base import redact_url
 
+from .launch import gunicorn_command
 from .models import ApiKey, User, hash_api_key, new_api_key
 
 
@@ -50,9 +51,12 @@ def seed(users: int, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="gunicorn worker processes")
-@click.option("--threads", default=4, show_default=True)
+@click.option("--threads", default=4, show_default=True, help="threads per worker that run the app")
 def serve(host: str, port: int, workers: int, threads: int) -> None:
-    """Serve with gunicorn (several workers need a shared cache: set ORMCACHE_URL)."""
+    """Serve with gunicorn (several workers need a shared cache: set ORMCACHE_URL).
+
+    Each worker reads requests on an event loop and runs the app on its threads only
+    once a request is complete, so slow or stalled clients hold no thread."""
     url = os.environ.get("ORMCACHE_URL", "memory://")
     if workers > 1 and url.startswith("memory"):
         raise click.UsageError(
@@ -74,23 +78,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
             signed = "signed with a secret made for this launch; set ORMCACHE_SECRET"
     where = redact_url(url)
     click.echo(f"serving on http://{host}:{port} (workers={workers}, cache={where}, {signed})")
-    cmd = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"{host}:{port}",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-        "--preload",
-        "--access-logfile",
-        "-",
-        "--access-logformat",
-        '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',
-        "examples.keyservice:create_app()",
-    ]
+    cmd = gunicorn_command(f"{host}:{port}", workers=workers, threads=threads)
     sys.stdout.flush()
     # gunicorn replaces this process, so a signal to it (SIGTERM from a supervisor, a
     # test, Ctrl-C) reaches gunicorn's master, which stops its workers: a child would be

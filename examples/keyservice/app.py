@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import scoped_session, sessionmaker
 from werkzeug.exceptions import HTTPException
@@ -204,16 +204,31 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         key = authenticate()
         return jsonify(user=_user_json(key.user), key={"prefix": key.prefix, "id": key.id})
 
+    def revoke_once(s: Any, key_id: int) -> bool:
+        """Revoke the key if it is still live, atomically: True for the one request that
+        did it. A conditional UPDATE is atomic on every supported database, where reading
+        the row first is not: SQLite has no SELECT ... FOR UPDATE, so two rotations both
+        read the key as live and both issued a new key. The loser's UPDATE waits for the
+        winner's commit (a row lock, or SQLite's write lock) and matches no row."""
+        result = s.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)
+
     @app.post("/keys/rotate")
     def rotate() -> Response:
         current = authenticate()
         s = Session()
-        row = s.get(ApiKey, current.id, with_for_update=True)
-        if row is None or row.revoked_at is not None:
-            raise ApiError(401, "unauthorized", "the API key is unknown or revoked")
-        row.revoked_at = utcnow()
+        if not revoke_once(s, current.id):
+            s.rollback()
+            raise ApiError(
+                409, "conflict", "the API key was rotated or revoked by a concurrent request"
+            )
         raw = new_api_key()
-        s.add(ApiKey(user_id=row.user_id, key_hash=hash_api_key(raw), prefix=raw[:10]))
+        s.add(ApiKey(user_id=current.user_id, key_hash=hash_api_key(raw), prefix=raw[:10]))
         s.commit()
         return jsonify(api_key=raw)
 
@@ -221,10 +236,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def revoke() -> tuple[str, int]:
         current = authenticate()
         s = Session()
-        row = s.get(ApiKey, current.id, with_for_update=True)
-        if row is not None and row.revoked_at is None:
-            row.revoked_at = utcnow()
+        if revoke_once(s, current.id):
             s.commit()
+        else:
+            s.rollback()  # revoked meanwhile: the outcome the client asked for
         return "", 204
 
     @app.get("/health")

@@ -119,6 +119,8 @@ OPENAPI: dict[str, Any] = {
                         "the new key",
                     ),
                     "401": _ERROR,
+                    # A concurrent rotation or revocation of the same key won.
+                    "409": _ERROR,
                 },
             }
         },

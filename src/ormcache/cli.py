@@ -80,6 +80,14 @@ def _exercise(backend: Backend) -> None:
         raise BackendError(f"the {step} step: {exc}") from exc
 
 
+def _fence(backend: Backend) -> None:
+    """One more round trip after a bump, so that the near caches of running processes
+    hold its pushes before the command reports success (see ``backends/near.py``)."""
+    fence = getattr(backend, "fence", None)
+    if fence is not None:
+        fence()
+
+
 def _check_near(backend: Backend, timeout: float = 3.0) -> str | None:
     """Check the near cache's push channel, which ``redis://`` and Sentinel use by
     default: it must come up (``HELLO 3`` and ``CLIENT TRACKING`` allowed), and a bump
@@ -246,6 +254,7 @@ def _build() -> Any:
             bump.add(NAMESPACE_TAG)
         try:
             backend.bump(sorted(bump))
+            _fence(backend)
         except BackendError as exc:
             _fail("invalidate", exc)
         finally:
@@ -273,6 +282,7 @@ def _build() -> Any:
             # come back: bumping the namespace tag invalidates them too.
             backend.clear()
             backend.bump([NAMESPACE_TAG])
+            _fence(backend)
         except BackendError as exc:
             _fail("clear", exc)
         finally:

@@ -56,10 +56,16 @@ def _bool(key: str, value: object) -> bool:
 
 
 def _near(key: str, value: object) -> bool | int:
-    """A boolean, or a number of entries (``ORMCACHE_NEAR_CACHE=5000``)."""
-    if isinstance(value, int) or str(value).strip().isdigit():
-        number = int(value)  # type: ignore[call-overload]
-        return number if number > 1 or isinstance(value, int) else bool(number)
+    """A boolean, or a number of entries (``ORMCACHE_NEAR_CACHE=5000``); "1" and "0" are
+    the booleans, as for the other flags."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if isinstance(value, int) or (text.isdigit() and text not in ("0", "1")):
+        number = int(text)
+        if number < 1:
+            raise ConfigurationError(f"{key}={value!r}: a number of entries must be positive")
+        return number
     return _bool(key, value)
 
 

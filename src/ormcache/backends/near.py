@@ -21,8 +21,13 @@ processes a later command, so by the time the release's reply reaches the writer
 lease's pushes already sit in every reader's socket, and the reader's hit drains them
 before it looks at memory. Every other invalidation that returns to its caller
 (``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
-``PING`` on the same connection for the same reason. Across hosts the window is the
-push's one-way network delay.
+``PING`` on the same connection for the same reason. Across hosts a reader can be served
+the old entry for about its own one-way delay from Redis minus the writer's last round
+trip and COMMIT: none while the links are alike, never longer than the reader's one-way
+delay (``benchmarks/bench_push_delay.py`` measures it).
+
+Stores are remembered too (see :meth:`NearCache.set`), so a miss costs no extra round
+trip afterwards.
 
 Why refilling cannot undo a push: a refill is applied only if no push for any of its
 keys was applied since just before the round trip that read it (a ring of recent pushes,
@@ -59,6 +64,9 @@ class NearTables:
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple[Entry, tuple[bytes, ...], int]] = {}
         self.gens: dict[bytes, bytes] = {}
+        # Entry keys this process stored and remembered, whose next push (the store's
+        # own) is not a change by anyone else: key -> stores whose push is still due.
+        self.expected: dict[str, int] = {}
         self.bytes = 0
         self.seq = 0
         self.ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RING)
@@ -74,11 +82,19 @@ class NearTables:
             self.seq += 1
             ring.append((self.seq, name))
             if gens.pop(name, None) is None and name.startswith(prefix):
-                self._drop(name[n:].decode("utf-8", "surrogateescape"))
+                key = name[n:].decode("utf-8", "surrogateescape")
+                due = self.expected.pop(key, 0)
+                if due:
+                    # Our own store's push: what we remembered is what Redis now holds.
+                    if due > 1:
+                        self.expected[key] = due - 1
+                    continue
+                self._drop(key)
 
     def reset(self) -> None:
         self.entries.clear()
         self.gens.clear()
+        self.expected.clear()
         self.bytes = 0
         self.seq += 1
         self.ring.append((self.seq, _ALL))
@@ -93,6 +109,7 @@ class NearTables:
         for key in keys:
             self.seq += 1
             self.ring.append((self.seq, self.entry_prefix + key.encode()))
+            self.expected.pop(key, None)
             self._drop(key)
 
     def _drop(self, key: str) -> None:
@@ -115,6 +132,12 @@ class NearTables:
             if name in wanted:
                 return True
         return False
+
+    def expect(self, key: str) -> None:
+        """The next push for entry ``key`` is the one our own store caused."""
+        if len(self.expected) >= 4 * self.max_entries:
+            self.reset()  # pushes that never came: trust nothing
+        self.expected[key] = self.expected.get(key, 0) + 1
 
     def learn(self, key: str, entry: Entry, names: tuple[bytes, ...]) -> None:
         size = len(entry.payload) + _OVERHEAD * (1 + len(names))
@@ -222,9 +245,32 @@ class NearCache:
         return snap
 
     def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
-        # Not remembered here: the store's own push (its entry key changed) would drop
-        # it again; the next hit reads it back once.
+        """Store, and remember what was stored: the compare-and-set found every
+        generation equal to the snapshot's, so the entry was current when it landed.
+
+        The store's own push (its entry key changed) must not drop the copy, and a
+        later push for the key by anyone else must: the next push for the key is
+        marked as ours (:meth:`NearTables.expect`), unless it already came, in which
+        case nothing is remembered. A push by someone else that overtakes ours can
+        only be for a change that Redis executed before our store, which our entry
+        already replaced, and our own push then drops the copy: safe either way.
+        """
+        tables, channel = self._tables, self.channel
+        seq, epoch = tables.seq, channel.epoch
         stored: bool = self._inner.set(key, payload, ttl, snapshot)
+        if not stored or not channel.up:
+            return stored
+        names = self._names(snapshot.tags)
+        with channel.lock:
+            if (
+                channel.up
+                and channel.epoch == epoch
+                and not tables.changed_since(seq, (tables.entry_prefix + key.encode(),))
+            ):
+                tables.expect(key)
+                if not tables.changed_since(seq, names):
+                    gens = tuple(str(g).encode() for g in snapshot.gens)
+                    tables.learn(key, Entry(payload, snapshot.tags, gens), names)
         return stored
 
     def lock(self, key: str, token: str, ttl: float) -> bool:

@@ -120,11 +120,20 @@ def unframed(value: Any) -> Entry | None:
     return None if value is None else UNREADABLE
 
 
-def keep_ms(ttl: float | None, generation_ttl: float) -> int:
-    """How long a stored entry's generations must live at least, in ms: the entry's TTL
-    plus the generation TTL; 0 for an entry without a TTL (its generations then persist:
-    such an entry lives until a bump or an eviction)."""
-    return 0 if ttl is None else max(1, int((ttl + generation_ttl) * 1000))
+def keep_ms(ttl: float | None, generation_ttl: float) -> str:
+    """How long a stored entry's generations must live at least, and how long they are
+    made to live when they must be extended, in ms (``"need:upto"``; ``"0"`` for an entry
+    without a TTL, whose generations then persist until a bump or an eviction).
+
+    The need is the entry's TTL plus the generation TTL; an extension goes one more
+    generation TTL beyond it. So a generation outlives what needs it by at most two
+    generation TTLs, and the stores of one key's entries extend it (which Redis pushes to
+    every near cache as a change) at most once per generation TTL, not on every store.
+    """
+    if ttl is None:
+        return "0"
+    need = max(1, int((ttl + generation_ttl) * 1000))
+    return f"{need}:{need + max(1, int(generation_ttl * 1000))}"
 
 
 def wrong_type(exc: BaseException) -> bool:

@@ -9,15 +9,23 @@ local function usable(g)
   return #g < 19 or g < '9223372036854775807'
 end
 
--- Make a generation live at least `ms` ms ('0': for ever), never shorter than it already
--- does: another entry may need it longer. (Allowed when memory is full; pcall anyway.)
-local function keep(key, ms)
+-- Make a generation live at least `need` ms ('0': for ever), never shorter than it
+-- already does: another entry may need it longer. The spec is "need:upto": when it must
+-- be extended, it is extended to `upto` ms, a margin beyond the need, so that the stores
+-- that follow leave it alone for a while: every change to a generation key, an expiry
+-- included, is pushed to every near cache, which then forgets that generation.
+-- (Allowed when memory is full; pcall anyway.)
+local function keep(key, spec)
   local left = redis.call('PTTL', key)
   if left < 0 then return end  -- persistent already, or gone
-  if ms == '0' then
+  if spec == '0' then
     redis.pcall('PERSIST', key)
-  elseif left < tonumber(ms) then
-    redis.pcall('PEXPIRE', key, ms)
+    return
+  end
+  local need, upto = string.match(spec, '^(%d+):(%d+)$')
+  if not need then return end
+  if left < tonumber(need) then
+    redis.pcall('PEXPIRE', key, upto)
   end
 end
 

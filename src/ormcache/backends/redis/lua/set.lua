@@ -1,5 +1,5 @@
 -- KEYS: entry, n generation keys, n lease keys.
--- ARGV: value, ttl ms (0: none), n, keep ms (0: persist), gens...
+-- ARGV: value, ttl ms (0: none), n, keep spec (need:upto ms, or 0: persist; see keep()), gens...
 -- Compare-and-set: stores (1) only if every generation is the snapshot's and no tag is
 -- leased, else 0. (The snapshot's generations are usable, so equal ones are too.) The
 -- generations then live at least `keep` ms (the entry's TTL and some): long enough for
