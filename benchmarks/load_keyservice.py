@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             f"| cache {mode} | {statistics.median(g[0] for g in got):,.0f} "
             f"| {statistics.median(g[1] for g in got):.2f} "
-            f"| {statistics.median(g[2] for g in got):.2f} | {sum(g[3] for g in got)} |"
+            f"| {statistics.median(g[2] for g in got):.2f} | {sum(g[3] for g in got)} "
+            f"| {', '.join(f'{g[0]:,.0f}' for g in got)} |"
         )
     ratios = [on[0] / off[0] for off, on in zip(samples["off"], samples["on"])]
     rt_ratios = [on[0] / off[0] for off, on in zip(samples["off"], samples["on, near cache off"])]
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`GET /me`, {args.workers} gunicorn workers x {args.threads} threads, PostgreSQL + Redis, "
         f"{args.clients} keep-alive connections from {client}; {args.rounds} alternating "
         f"rounds of {args.seconds:.0f} s per mode, medians\n\n"
-        "| run | requests/s | p50 ms | p99 ms | non-200 |\n|---|---:|---:|---:|---:|\n"
+        "| run | requests/s | p50 ms | p99 ms | non-200 | requests/s per round |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
         + "\n".join(rows)
         + f"\n\nthroughput ratio cached / uncached: {statistics.median(ratios):.2f}x "
         f"(median; per round: {', '.join(f'{x:.2f}x' for x in ratios)}); "
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if on / top >= 0.8 else "MISSED"
         text += (
             f"\nceiling: the same service answering `/me` with 401 before any lookup serves "
-            f"{top:,.0f} requests/s, {top / off:.2f}x the uncached rate: no cache can give "
+            f"{top:,.0f} requests/s (per round: {', '.join(f'{c:,.0f}' for c in ceiling)}), "
+            f"{top / off:.2f}x the uncached rate: no cache can give "
             "more on this machine\n"
             f"\ncache on reaches {on / top:.0%} of the ceiling (goal >= 80%: {verdict}); "
             f"with the near cache off, {rt / top:.0%}\n"
