@@ -140,9 +140,7 @@ def reader(
             stale += 1
             worst = max(worst, floor - got)
         if pause:
-            # Near hits take microseconds: without a pause, three readers on two cores
-            # would starve the writers the race needs.
-            time.sleep(pause)
+            time.sleep(pause)  # see race_across_processes: writers must progress too
     stats = cache.stats()
     results.put((reads, stale, worst, stats.hits, stats.store_conflicts, stats.near_hits))
     cache.close()

@@ -487,9 +487,17 @@ def test_near_cache_follows_a_sentinel_failover_that_demotes_the_master(
         assert cache.stats().near_hits > 0
         old_master = setup.master.port
         sentinel = redis.Redis(port=setup.sentinel_port)
-        sentinel.execute_command("SENTINEL", "FAILOVER", SentinelSetup.SERVICE)
-        sentinel.close()
         deadline = time.monotonic() + 20
+        while True:
+            try:
+                sentinel.execute_command("SENTINEL", "FAILOVER", SentinelSetup.SERVICE)
+                break
+            except redis.exceptions.ResponseError as exc:
+                # NOGOODSLAVE until Sentinel has heard from the replica for a while.
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        sentinel.close()
         while time.monotonic() < deadline and setup.current_master_port() == old_master:
             time.sleep(0.05)
         assert setup.current_master_port() == setup.replica.port

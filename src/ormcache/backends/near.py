@@ -184,7 +184,6 @@ class NearCache:
             _shared = (tables, channel)
         self._tables, self.channel = _shared
         self._gen_prefix = inner.gen_name("").encode()
-        self._twins: dict[int, NearCache] = {}
 
     @property
     def inner(self) -> Backend:
@@ -202,10 +201,12 @@ class NearCache:
         twin = self._inner.for_event_loop()
         if twin is self._inner:
             return self
-        near = self._twins.get(id(twin))
-        if near is None or near._inner is not twin:
+        # Kept on the twin itself: it lives as long as its loop's twin does (the inner
+        # backend drops the twins of closed loops).
+        near: NearCache | None = getattr(twin, "_near_cache", None)
+        if near is None:
             near = NearCache(twin, on_near_hit=self._on_near_hit, _shared=self._shared())
-            self._twins[id(twin)] = near
+            twin._near_cache = near
         return near
 
     def _shared(self) -> tuple[NearTables, Any]:

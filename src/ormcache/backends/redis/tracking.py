@@ -141,6 +141,8 @@ class TrackingChannel:
         self._closed = False
         self._pid = os.getpid()
         self._last_reason = ""
+        #: Fences run after a drain that filled its buffer (observable in tests).
+        self.fences = 0
         _channels.add(self)
 
     # -- the hot path ------------------------------------------------------------------
@@ -245,6 +247,7 @@ class TrackingChannel:
         Redis queued before it has then been applied."""
         if not self._send(b"PING"):
             return
+        self.fences += 1
         wanted = len(self._pending)
         deadline = time.monotonic() + self.interval / 2
         while self._up and len(self._pending) >= wanted:
