@@ -28,7 +28,13 @@ def lookup_fn(cache: Cache, Session: Any, name: str | None = None) -> Any:
 
 
 def serve(
-    db_url: str, redis_url: str, keys: list[str], timeout: float, stop: Any, results: Any
+    db_url: str,
+    redis_url: str,
+    keys: list[str],
+    timeout: float,
+    stop: Any,
+    results: Any,
+    ready: Any = None,
 ) -> None:
     engine = create_engine(db_url)
     Session = sessionmaker(engine, expire_on_commit=False)
@@ -59,6 +65,9 @@ def serve(
         slowest = max(slowest, time.perf_counter() - start)
         calls += 1
         i += 1
+        if calls == 50 and ready is not None:
+            with ready.get_lock():
+                ready.value += 1
     results.put((calls, failures, wrong, slowest, cache.stats().hits, cache.stats().errors))
     cache.close()
     engine.dispose()

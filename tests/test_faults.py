@@ -293,16 +293,21 @@ def test_killed_redis_under_several_serving_processes(
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     results = ctx.Queue()
+    ready = ctx.Value("i", 0)
     procs = [
         ctx.Process(
             target=fault_workers.serve,
-            args=(db_url, private_redis.url, keys, TIMEOUT, stop, results),
+            args=(db_url, private_redis.url, keys, TIMEOUT, stop, results, ready),
         )
         for _ in range(3)
     ]
     for p in procs:
         p.start()
-    time.sleep(2.5)
+    # Every process serving before the kill (spawning takes seconds on a loaded machine).
+    deadline = time.monotonic() + 60
+    while ready.value < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
     private_redis.kill()
     time.sleep(1.0)
     private_redis.start()
