@@ -11,8 +11,20 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.redis_procs import ClusterSetup
 from tests.support.services import MARIADB_URL, POSTGRES_URL, REDIS_URL, require_service
 from tests.support.sql import SQLCounter
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    """A private three-node Redis Cluster, one per test module that asks for it."""
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
 
 
 @pytest.fixture

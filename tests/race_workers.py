@@ -27,10 +27,14 @@ class Counter(Base):
     version: Mapped[int] = mapped_column(Integer)
 
 
-def _setup(db_url: str, redis_url: str, namespace: str) -> tuple[Cache, Any]:
+def _setup(
+    db_url: str, redis_url: str, namespace: str, near_cache: bool | None = None
+) -> tuple[Cache, Any]:
     engine = create_engine(db_url, pool_size=2)
     Session = sessionmaker(engine, expire_on_commit=False)
-    cache = Cache(redis_url, namespace=namespace, strict=True, default_ttl=60)
+    cache = Cache(
+        redis_url, namespace=namespace, strict=True, default_ttl=60, near_cache=near_cache
+    )
     cache.attach(Session)
     return cache, Session
 
@@ -44,8 +48,9 @@ def writer(
     n_rows: int,
     seed: int,
     pause: float = 0.002,
+    near_cache: bool | None = None,
 ) -> None:
-    cache, Session = _setup(db_url, redis_url, namespace)
+    cache, Session = _setup(db_url, redis_url, namespace, near_cache)
     # A slow COMMIT (as with fsync latency) widens the window between the write lease and
     # the data becoming visible: exactly where a broken protocol would store stale data.
     event.listen(Session.kw["bind"], "commit", lambda conn: time.sleep(0.003))
@@ -78,8 +83,9 @@ def reader(
     results: Any,
     progress: Any,
     pause: float = 0.0,
+    near_cache: bool | None = None,
 ) -> None:
-    cache, Session = _setup(db_url, redis_url, namespace)
+    cache, Session = _setup(db_url, redis_url, namespace, near_cache)
 
     @cache.memoize(ttl=60)
     def memoized_version(row: int) -> int:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -148,23 +149,36 @@ class SentinelSetup:
         self.master.kill()
 
 
+def _cluster_node(tmp: Path) -> PrivateRedis:
+    return PrivateRedis(
+        str(tmp),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "2000",
+        bus=True,
+    )
+
+
+def raw(node: PrivateRedis, *args: object) -> Any:
+    """One command on a fresh connection to ``node``, its reply unparsed."""
+    conn = redis.Connection(port=node.port)
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    finally:
+        conn.disconnect()
+
+
 class ClusterSetup:
-    """Three primaries, slots split evenly, no replicas."""
+    """Three primaries, slots split evenly, no replicas; nodes can be added (as empty
+    primaries or as replicas), slots moved and replicas promoted."""
 
     def __init__(self, tmp: Path) -> None:
-        self.nodes = [
-            PrivateRedis(
-                str(tmp / f"node{i}"),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-                bus=True,
-            )
-            for i in range(3)
-        ]
+        self.tmp = tmp
+        self.nodes = [_cluster_node(tmp / f"node{i}") for i in range(3)]
 
     @property
     def url(self) -> str:
@@ -201,3 +215,88 @@ class ClusterSetup:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+    # -- reshaping (each step waits until every node agrees) ------------------------------
+    def _views_agree(self) -> bool:
+        """Every node answers ``cluster_state:ok`` and lists the same nodes with the same
+        roles and slots (no node failing or still in the handshake)."""
+        views = set()
+        for node in self.nodes:
+            if b"cluster_state:ok" not in raw(node, "CLUSTER", "INFO"):
+                return False
+            rows = []
+            for line in raw(node, "CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                flags = set(fields[2].split(",")) - {"myself"}
+                if flags & {"fail", "fail?", "handshake", "noaddr"}:
+                    return False
+                slots = [f for f in fields[8:] if not f.startswith("[")]
+                rows.append((fields[0], ",".join(sorted(flags)), fields[3], *slots))
+            views.add(tuple(sorted(rows)))
+        return len(views) == 1
+
+    def settle(self) -> None:
+        _wait("the cluster to agree on its topology", self._views_agree, timeout=30)
+
+    def node_id(self, node: PrivateRedis) -> str:
+        return raw(node, "CLUSTER", "MYID").decode()
+
+    def slot(self, key: bytes) -> int:
+        return int(raw(self.nodes[0], "CLUSTER", "KEYSLOT", key))
+
+    def owner(self, key: bytes) -> PrivateRedis:
+        """The primary serving ``key``'s slot."""
+        slot = self.slot(key)
+        for lo, hi, primary, *_replicas in raw(self.nodes[0], "CLUSTER", "SLOTS"):
+            if lo <= slot <= hi:
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise AssertionError(f"no primary serves slot {slot}")
+
+    def add_node(self, name: str) -> PrivateRedis:
+        """Start a node and join it to the cluster as a primary without slots."""
+        node = _cluster_node(self.tmp / name)
+        node.start()
+        raw(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", node.port)
+        self.nodes.append(node)
+        self.settle()
+        return node
+
+    def move_slot(self, slot: int, source: PrivateRedis, target: PrivateRedis) -> None:
+        """Migrate ``slot`` with its keys from ``source`` to ``target``."""
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        src, dst = source.client(), target.client()
+        try:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            # The target first, then the source: neither ever points at the other.
+            for node in sorted(self.nodes, key=lambda n: (n is not target, n is not source)):
+                raw(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        finally:
+            src.close()
+            dst.close()
+        self.settle()
+
+    def promote(self, primary: PrivateRedis, name: str) -> PrivateRedis:
+        """Add a replica of ``primary``, then fail over to it (``CLUSTER FAILOVER``): the
+        replica becomes the primary of those slots, the old primary its replica."""
+        replica = self.add_node(name)
+        client = replica.client()
+        try:
+            client.execute_command("CLUSTER", "REPLICATE", self.node_id(primary))
+            _wait(
+                "the replica to sync",
+                lambda: client.info("replication").get("master_link_status") == "up",
+                timeout=20,
+            )
+            client.execute_command("CLUSTER", "FAILOVER")
+            _wait(
+                "the failover",
+                lambda: client.execute_command("ROLE")[0] == b"master",
+                timeout=20,
+            )
+        finally:
+            client.close()
+        self.settle()
+        return replica

@@ -53,6 +53,7 @@ def race_across_processes(
     chaos_every: float = 2.0,
     min_seconds: float = 5.0,
     reader_pause: float = 0.0001,
+    near_cache: bool | None = None,
 ) -> dict[str, int]:
     """The race itself, for any database and cache URL (Sentinel and Cluster run it too).
 
@@ -60,7 +61,8 @@ def race_across_processes(
     near cache's push connections, restarting Redis); the race lasts at least
     ``min_seconds``, and readers pause ``reader_pause`` between reads: near-cache hits
     take microseconds, and unpaused readers on two cores would starve the writers the
-    race needs. Bounded at 240 s. Returns the totals."""
+    race needs. Bounded at 240 s. ``near_cache`` is every worker's setting (None: the
+    URL's default). Returns the totals."""
     n_rows = 4
     engine = create_engine(db_url)
     race_workers.Base.metadata.drop_all(engine)
@@ -77,7 +79,17 @@ def race_across_processes(
     writers = [
         ctx.Process(
             target=race_workers.writer,
-            args=(db_url, cache_url, namespace, published, stop, n_rows, i, writer_pause),
+            args=(
+                db_url,
+                cache_url,
+                namespace,
+                published,
+                stop,
+                n_rows,
+                i,
+                writer_pause,
+                near_cache,
+            ),
         )
         for i in range(2)
     ]
@@ -96,6 +108,7 @@ def race_across_processes(
                 results,
                 progress,
                 reader_pause,
+                near_cache,
             ),
         )
         for i in range(3)

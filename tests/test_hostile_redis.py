@@ -65,16 +65,6 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedi
     server.kill()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
-    setup = ClusterSetup(tmp_path_factory.mktemp("hostile-cluster"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
-
-
 class Layout:
     """A backend and the names of its keys, to plant garbage under."""
 

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from ormcache import Cache, FromCache
 from ormcache.backends.near import NearCache
 from tests import near_workers
 from tests.models import Base, User, key_hash, seed
-from tests.redis_procs import PrivateRedis
+from tests.redis_procs import ClusterSetup, PrivateRedis
 from tests.support.sql import SQLCounter
 
 KEY = "key-1-secret"
@@ -54,22 +55,52 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     engine.dispose()
 
 
-def commands(server_url: str) -> int:
-    """Commands the server has processed, but for the health pings and this INFO."""
-    client = redis.Redis.from_url(server_url)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    # This connection's own handshake and INFO, and the channel's health pings.
-    skip = {
-        "cmdstat_ping",
-        "cmdstat_role",
-        "cmdstat_info",
-        "cmdstat_hello",
-        "cmdstat_client|setinfo",
-    }
-    return sum(int(v["calls"]) for k, v in stats.items() if k not in skip)
+@dataclass
+class Server:
+    """Where a near cache under test runs: one server, or a Cluster (every node)."""
+
+    url: str
+    ports: list[int]
+    #: What a cache needs for a near cache there (on a Cluster it is opt-in).
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def admins(self) -> list[redis.Redis]:
+        return [redis.Redis(port=port) for port in self.ports]
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def near_server(request: pytest.FixtureRequest) -> Server:
+    if request.param == "standalone":
+        single: PrivateRedis = request.getfixturevalue("private_redis")
+        return Server(single.url, [single.port])
+    cluster: ClusterSetup = request.getfixturevalue("cluster")
+    return Server(cluster.url, [n.port for n in cluster.nodes], {"near_cache": True})
+
+
+def commands(*ports: int) -> int:
+    """Commands the servers have processed, but for the health pings, probes and INFO."""
+    total = 0
+    for port in ports:
+        client = redis.Redis(port=port)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        # This connection's own handshake and INFO, the channel's health pings and
+        # (Cluster) probes, and the cluster client's topology refreshes.
+        skip = {
+            "cmdstat_ping",
+            "cmdstat_role",
+            "cmdstat_info",
+            "cmdstat_hello",
+            "cmdstat_client|setinfo",
+        }
+        total += sum(
+            int(v["calls"])
+            for k, v in stats.items()
+            if k not in skip and not k.startswith("cmdstat_cluster|")
+        )
+    return total
 
 
 def wait_until(condition: Any, timeout: float = 5.0) -> bool:
@@ -138,13 +169,13 @@ def test_near_cache_is_the_default_on_redis(redis_url: str, namespace: str) -> N
 
 
 def test_near_hit_runs_no_sql_and_no_redis_command(
-    private_redis: PrivateRedis, sqlite_engine: Any
+    near_server: Server, sqlite_engine: Any, namespace: str
 ) -> None:
     """Once warm, FromCache and memoize hits equal the database and cost neither a
-    statement nor a Redis command."""
+    statement nor a Redis command (on a Cluster: on no node)."""
     Session = sessionmaker(sqlite_engine, expire_on_commit=False)
     seed(Session)
-    cache = Cache(private_redis.url, namespace="near-nosql")
+    cache = Cache(near_server.url, namespace=namespace, **near_server.options)
     cache.attach(Session)
     name_of = near_workers.lookups(cache, Session)
     counter = SQLCounter(sqlite_engine)
@@ -162,7 +193,7 @@ def test_near_hit_runs_no_sql_and_no_redis_command(
             s.scalars(by_key(KEY)).one()
         name_of(KEY)
     counter.reset()
-    before_cmds = commands(private_redis.url)
+    before_cmds = commands(*near_server.ports)
     before = cache.stats()
     for _ in range(100):
         with Session() as s:
@@ -170,7 +201,7 @@ def test_near_hit_runs_no_sql_and_no_redis_command(
         assert name_of(KEY) == oracle[1]
     after = cache.stats()
     assert counter.count == 0
-    assert commands(private_redis.url) - before_cmds == 0
+    assert commands(*near_server.ports) - before_cmds == 0
     assert after.near_hits - before.near_hits == 200
     assert after.hits - before.hits == 200
     cache.close()
@@ -202,7 +233,7 @@ def test_a_miss_is_remembered_so_the_next_read_costs_no_round_trip(
 
 @pytest.mark.parametrize("action", ["commit", "invalidate-table", "invalidate-key"])
 def test_a_write_in_another_process_is_seen_by_the_next_read(
-    private_redis: PrivateRedis, db_url: str, action: str
+    near_server: Server, db_url: str, action: str
 ) -> None:
     """Deterministic interleaving, 60 rounds: warm the near cache (near hits), another
     process commits or invalidates and answers once its call has returned, then this
@@ -210,18 +241,17 @@ def test_a_write_in_another_process_is_seen_by_the_next_read(
 
     This is the mutation check of the drain: a hit that served from memory without first
     applying the pushes in its socket fails here, since the health thread drains only
-    every half second."""
+    every half second. On a Cluster the tags' generations live on different nodes: a
+    hit that skipped the drain of any one node's socket fails too."""
     engine = create_engine(db_url)
     Session = sessionmaker(engine, expire_on_commit=False)
     namespace = f"near-{uuid.uuid4().hex[:8]}"
-    cache = Cache(private_redis.url, namespace=namespace)
+    cache = Cache(near_server.url, namespace=namespace, **near_server.options)
     cache.attach(Session)
     name_of = near_workers.lookups(cache, Session)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(
-        target=near_workers.writer, args=(db_url, private_redis.url, namespace, there)
-    )
+    proc = ctx.Process(target=near_workers.writer, args=(db_url, near_server.url, namespace, there))
     proc.start()
     try:
         assert here.poll(30)
@@ -291,6 +321,103 @@ def test_killed_tracking_connection_turns_the_near_cache_off(
     assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > hits)
     writer.close()
     cache.close()
+
+
+def test_killed_tracking_connection_on_one_cluster_node_turns_the_near_cache_off(
+    cluster: ClusterSetup, sqlite_engine: Any, namespace: str
+) -> None:
+    """Cluster: ``CLIENT KILL`` of the push connection on any one primary turns the whole
+    near cache off at once, though the other nodes' channels are fine: that node's bumps
+    can no longer reach the process, so nothing learned until it is back may be served.
+    Each node in turn, twice; the channel comes back by itself and serves again."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(cluster.url, namespace=namespace, near_cache=True)
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    writer = Cache(cluster.url, namespace=namespace, near_cache=False)
+    near = near_of(cache)
+    expected = "user1"
+    for round_, node in enumerate(cluster.nodes * 2):
+        assert wait_until(lambda want=expected: name_of(KEY) == want and near.channel.current())
+        admin = node.client()
+        [tracker] = tracking_clients(admin)
+        admin.client_kill_filter(_id=tracker)
+        admin.close()
+        # Read at once, while that node's channel is gone: nothing may be learned now.
+        for _ in range(3):
+            assert name_of(KEY) == expected
+        # Behind the cache's back, then invalidated from another cache: the killed
+        # channel cannot deliver this push if the tag lives on that node.
+        expected = f"killed{round_}"
+        with sqlite_engine.begin() as c:
+            c.execute(User.__table__.update().where(User.id == 2).values(name=expected))
+        assert writer.invalidate(User, raise_on_error=True)
+        assert name_of(KEY) == expected, f"round {round_}: stale after node {node.port}"
+    hits = cache.stats().near_hits
+    assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > hits + 2)
+    writer.close()
+    cache.close()
+
+
+def entry_generations(near: NearCache, tag: str) -> list[bytes]:
+    """The generation keys of ``tag`` among the near entries' (each one asserted to be
+    there: the test would be void without it)."""
+    names = {n for _entry, ns, _size in near._tables.entries.values() for n in ns}
+    found = [n for n in names if f":{tag}}}:g".encode() in n]
+    assert found, f"no near entry depends on {tag}: {sorted(names)}"
+    return found
+
+
+@pytest.mark.parametrize("change", ["reshard-to-new-primary", "failover"])
+def test_a_cluster_topology_change_is_tracked(
+    tmp_path: Any, sqlite_engine: Any, namespace: str, change: str
+) -> None:
+    """The slot of the users table's generation (``a:`` tag) moves: to a primary added after the
+    channel came up (a resharding), or to a replica promoted by a failover. The near
+    cache turns off, tracks the primaries the cluster has now, serves again, and an
+    invalidation's bump on the new primary is seen by the next read.
+
+    Without the topology check the channel keeps tracking the primaries it started
+    with: the new primary's pushes never arrive, and the read is served stale."""
+    setup = ClusterSetup(tmp_path / "cluster")  # its own: this test reshapes it
+    setup.start()
+    try:
+        Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+        seed(Session)
+        cache = Cache(setup.url, namespace=namespace, near_cache=True, breaker_cooldown=0.1)
+        cache.attach(Session)
+        name_of = near_workers.lookups(cache, Session)
+        near = near_of(cache)
+        assert wait_until(lambda: (name_of(KEY), near.channel.current())[1])
+        assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > 0)
+        [gen] = entry_generations(near, f"a:{User.__tablename__}")
+        owner = setup.owner(gen)
+        epoch = near.channel.epoch
+        if change == "failover":
+            new = setup.promote(owner, "replica")
+        else:
+            new = setup.add_node("node3")
+            setup.move_slot(setup.slot(gen), owner, new)
+        assert setup.owner(gen) is new
+        # Down, then up again on the new topology, serving from memory.
+        assert wait_until(lambda: near.channel.epoch > epoch and near.channel.current(), 15)
+        hits = cache.stats().near_hits
+        assert wait_until(lambda: (name_of(KEY), cache.stats().near_hits)[1] > hits + 2, 15)
+        assert gen in entry_generations(near, f"a:{User.__tablename__}")
+        writer = Cache(setup.url, namespace=namespace, near_cache=False)
+        for round_ in range(3):
+            for _ in range(3):
+                name_of(KEY)
+            value = f"moved{round_}"
+            with sqlite_engine.begin() as c:
+                c.execute(User.__table__.update().where(User.id == 2).values(name=value))
+            assert writer.invalidate(User, raise_on_error=True)
+            assert name_of(KEY) == value, f"round {round_}: stale after the {change}"
+        writer.close()
+        cache.close()
+    finally:
+        setup.stop()
 
 
 def test_restarted_redis_never_serves_from_memory_what_it_lost(

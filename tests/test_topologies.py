@@ -45,16 +45,6 @@ def sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup
         setup.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
-    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
-
-
 class TestSentinelBackend(BackendContract):
     @pytest.fixture
     def backend(self, sentinel: SentinelSetup, namespace: str) -> Iterator[RedisSentinelBackend]:
@@ -447,14 +437,17 @@ def test_no_stale_reads_across_processes_on_topologies(
 ) -> None:
     """The cross-process race of test_consistency (3 readers, 2 writers, slow COMMITs) on
     a Cluster, where a hit reads its entry and generations from several nodes without
-    one atomic script, and through Sentinel: no read is older than a published commit."""
+    one atomic script, and through Sentinel: no read is older than a published commit.
+    The near cache is on in both (opted into on the Cluster: one push channel per
+    primary), and serves reads."""
     from tests.test_consistency import race_across_processes
 
     if topology == "cluster":
         url = request.getfixturevalue("cluster").url
     else:
         url = request.getfixturevalue("sentinel").url()
-    race_across_processes(postgres_url, url, namespace, mode, topology)
+    totals = race_across_processes(postgres_url, url, namespace, mode, topology, near_cache=True)
+    assert totals["near_hits"] > 0, totals
 
 
 def test_near_cache_follows_a_sentinel_failover_that_demotes_the_master(

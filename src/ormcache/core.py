@@ -258,19 +258,16 @@ class Core:
 def near_cache_for(url: str, near_cache: bool | int | None) -> bool | int:
     """Whether (and with how many entries) a cache at ``url`` keeps a near cache.
 
-    On by default for one Redis server and for Sentinel; a Cluster has none (yet), and
-    asking for one there is an error rather than a silent no. ``memory://`` is already
-    in the process.
+    On by default for one Redis server and for Sentinel. On a Cluster only when asked
+    for (``near_cache=True`` or a number): it costs every process one tracking
+    connection per primary and a ``CLUSTER NODES`` per primary per health interval, and
+    every topology change turns it off in every process until the channel is set up
+    again (README, "Near cache"). ``memory://`` is already in the process.
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme == "memory" or near_cache is False:
         return False
-    if scheme == "redis+cluster":
-        if near_cache:
-            raise ConfigurationError(
-                "near_cache is not available on Redis Cluster yet; remove near_cache=True "
-                "(ORMCACHE_NEAR_CACHE) or use redis:// or redis+sentinel://"
-            )
+    if scheme == "redis+cluster" and near_cache is None:
         return False
     if importlib.util.find_spec("hiredis") is None:
         if near_cache:

@@ -183,7 +183,7 @@ class NearCache:
             channel = inner.tracking_channel(tables, **options)
             _shared = (tables, channel)
         self._tables, self.channel = _shared
-        self._gen_prefix = inner.gen_name("").encode()
+        self._gen_name = inner.gen_name
 
     @property
     def inner(self) -> Backend:
@@ -213,8 +213,8 @@ class NearCache:
         return self._tables, self.channel
 
     def _names(self, tags: Sequence[str]) -> tuple[bytes, ...]:
-        prefix = self._gen_prefix
-        return tuple(prefix + t.encode() for t in tags)
+        gen_name = self._gen_name
+        return tuple(gen_name(t).encode() for t in tags)
 
     # -- reads -------------------------------------------------------------------------
     def get(self, key: str) -> Entry | None:

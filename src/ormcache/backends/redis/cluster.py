@@ -54,11 +54,24 @@ from .core import (
     unframed,
     wrong_type,
 )
+from .tracking import ClusterChannel, Listener
 from .urls import parse_cluster_url
 
 __all__ = ["RedisClusterBackend"]
 
 CHECK = lua("gen", "leased", "check")
+
+# Connection settings that belong to the node a pool was made for, not to another node.
+_NODE_SPECIFIC = frozenset(
+    {
+        "host",
+        "port",
+        "protocol",
+        "orig_host_address",
+        "maint_notifications_config",
+        "oss_cluster_maint_notifications_handler",
+    }
+)
 
 # A GET of a key holding another Redis type: never equal to a generation, and not an
 # entry (see RedisClusterBackend._values).
@@ -148,6 +161,62 @@ class RedisClusterBackend(RedisCore):
 
     def _clear_patterns(self) -> Sequence[str]:
         return (f"{self._e}*", f"{{{self.namespace}:*}}:g")
+
+    # -- near cache -------------------------------------------------------------------
+    def gen_name(self, tag: str) -> str:
+        """The generation key of ``tag`` (what a tracking push names)."""
+        return f"{{{self.namespace}:{tag}}}:g"
+
+    def tracking_channel(self, listener: Listener, **options: Any) -> ClusterChannel:
+        """The push channel a near cache in front of this backend listens to: one
+        tracking connection per primary, each on every generation key of the namespace
+        (prefix ``{ns:``, which also covers the leases: harmless) and every entry key.
+        Nothing connects until the channel's health thread does (the client too is made
+        on first use)."""
+
+        def discover() -> list[str]:
+            return [f"{node.host}:{node.port}" for node in self.client.get_nodes()]
+
+        def connect(host: str, port: int) -> Any:
+            client = self.client
+            pool = client.get_redis_connection(client.get_random_node()).connection_pool
+            kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _NODE_SPECIFIC}
+            return pool.connection_class(**kwargs, host=host, port=port, protocol=3)
+
+        return ClusterChannel(
+            discover,
+            connect,
+            (f"{{{self.namespace}:", self._e),
+            listener,
+            where=self.where,
+            **options,
+        )
+
+    def fence(self) -> None:
+        """A ``PING`` to every primary, all sent before any reply is read (one round
+        trip): an invalidation may have bumped keys on any of them, and each node orders
+        only its own pushes before its own later replies."""
+
+        def run() -> None:
+            client = self.client
+            taken = []
+            try:
+                for node in client.get_primaries():
+                    pool = client.get_redis_connection(node).connection_pool
+                    conn = pool.get_connection()
+                    taken.append((pool, conn))
+                    conn.send_command("PING")
+                for _pool, conn in taken:
+                    conn.read_response()
+            except BaseException:
+                for _pool, conn in taken:
+                    conn.disconnect()  # a reply may be left unread on it
+                raise
+            finally:
+                for pool, conn in taken:
+                    pool.release(conn)
+
+        self._run("fence", run)
 
     def _nodes(self) -> Iterable[Any]:
         client = self.client

@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["HEALTH_INTERVAL", "Listener", "TrackingChannel"]
+__all__ = ["HEALTH_INTERVAL", "ClusterChannel", "Listener", "Probe", "TrackingChannel"]
 
 logger = logging.getLogger("ormcache")
 
@@ -54,8 +54,9 @@ _BUFFER = 1 << 16
 
 
 class _Readiness:
-    """Whether one socket has something to read: :meth:`now` without waiting (every
-    hit asks), :meth:`wait` up to a timeout (a fence).
+    """Whether sockets have something to read: :meth:`now` without waiting (every hit
+    asks; it returns ``(fd, event)`` pairs), :meth:`wait` up to a timeout (a fence).
+    One socket for a channel, every member's for a Cluster's.
 
     epoll where the platform has it: ``poll`` hands the kernel its registrations on
     every call and epoll keeps them there, so epoll's zero-timeout check costs about
@@ -65,18 +66,20 @@ class _Readiness:
 
     __slots__ = ("_epoll", "_poll", "now")
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, *socks: Any) -> None:
         epoll = getattr(select, "epoll", None)
         self._epoll: Any = None
         self._poll: Any = None
         if epoll is not None:
-            self._epoll = epoll(1)
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
-            # At most one event: the default sizes a buffer for 1023 on every call.
-            self.now: Callable[[], list[Any]] = functools.partial(self._epoll.poll, 0, 1)
+            self._epoll = epoll(len(socks))
+            for sock in socks:
+                self._epoll.register(sock.fileno(), select.EPOLLIN)
+            # At most one event per socket: the default sizes a buffer for 1023 every call.
+            self.now: Callable[[], list[Any]] = functools.partial(self._epoll.poll, 0, len(socks))
         else:  # pragma: no cover - not on Linux
             self._poll = select.poll()
-            self._poll.register(sock, select.POLLIN)
+            for sock in socks:
+                self._poll.register(sock, select.POLLIN)
             self.now = functools.partial(self._poll.poll, 0)
 
     def wait(self, seconds: float) -> bool:
@@ -100,13 +103,86 @@ class Listener(Protocol):
         """The channel went down or came up: nothing known locally can be trusted."""
 
 
-class TrackingChannel:
+#: A health probe: the command sent instead of ``PING``, and a check of its reply that
+#: returns why the channel can no longer be trusted (None: all is well). Called with the
+#: channel's lock held.
+Probe = tuple[tuple[bytes, ...], Callable[[Any], "str | None"]]
+
+_PING: tuple[bytes, ...] = (b"PING",)
+
+
+def _still_master(reply: Any) -> str | None:
+    if type(reply) is list and reply and reply[0] == b"master":
+        return None
+    return "the server is no longer the master (a failover)"
+
+
+class _Background:
+    """The health thread's life cycle, shared by one channel and a cluster's set of them:
+    started on demand by a hit that finds the channel down, stopped by ``close()``, never
+    inherited by a forked child."""
+
+    lock: threading.Lock
+    interval: float
+    where: str
+    _up: bool
+
+    @property
+    def up(self) -> bool:
+        """Whether memory may serve (:meth:`current` also applies pending pushes)."""
+        return self._up
+
+    def _init_background(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._pid = os.getpid()
+        self._last_reason = ""
+
+    def _setup_failed(self, exc: Exception) -> None:
+        """Remember (and log once) why the channel could not be set up."""
+        with self.lock:
+            reason = f"cannot set up the push channel ({exc})"
+            if reason != self._last_reason:
+                logger.warning("ormcache: near cache off: %s: %s", self.where, reason)
+            self._last_reason = reason
+
+    def _step(self) -> None:
+        """One health step: set up what is down, check what is up (lock not held)."""
+        raise NotImplementedError
+
+    def _ensure_thread(self) -> None:
+        """Start the health thread if this process has none (lock held)."""
+        if self._closed:
+            return
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._health, name="ormcache-near-cache", daemon=True
+        )
+        self._thread.start()
+
+    def _health(self) -> None:
+        stop = self._stop
+        while not stop.is_set():
+            self._step()
+            stop.wait(self.interval / 2)
+
+
+class TrackingChannel(_Background):
     """One process's push channel (see the module docstring).
 
     ``connect`` returns a connected redis-py connection speaking RESP3 (handshake, AUTH
     and database done); the channel takes over its socket. ``epoch`` changes on every
     connection set up, so a caller can tell whether what it read from Redis was read
     while this connection was the one tracking.
+
+    ``probe`` replaces the health ``PING`` (``check_role``: ``ROLE``, which must say
+    master). ``lock`` given: the channel is one member of a
+    :class:`ClusterChannel`, which shares the
+    lock, runs the health steps and handles forks; it has no thread of its own.
     """
 
     def __init__(
@@ -118,14 +194,19 @@ class TrackingChannel:
         where: str,
         interval: float = HEALTH_INTERVAL,
         check_role: bool = False,
+        probe: Probe | None = None,
+        lock: threading.Lock | None = None,
     ) -> None:
         self._connect = connect
         self._prefixes = tuple(prefixes)
         self._listener = listener
         self.where = where
         self.interval = interval
-        self._check_role = check_role
-        self.lock = threading.Lock()
+        if probe is None:
+            probe = ((b"ROLE",), _still_master) if check_role else (_PING, lambda _r: None)
+        self._probe = probe
+        self._member = lock is not None
+        self.lock = lock if lock is not None else threading.Lock()
         self.epoch = 0
         self._up = False
         self._sock: Any = None
@@ -135,15 +216,14 @@ class TrackingChannel:
         self._reader: Any = None
         self._push: Any = type(None)
         self._buf = bytearray(_BUFFER)
-        self._pending: collections.deque[tuple[bytes, float]] = collections.deque()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._closed = False
-        self._pid = os.getpid()
-        self._last_reason = ""
+        self._pending: collections.deque[tuple[bytes, float, Callable[[Any], str | None]]] = (
+            collections.deque()
+        )
         #: Fences run after a drain that filled its buffer (observable in tests).
         self.fences = 0
-        _channels.add(self)
+        self._init_background()
+        if not self._member:
+            _channels.add(self)
 
     # -- the hot path ------------------------------------------------------------------
     def current(self) -> bool:
@@ -155,10 +235,6 @@ class TrackingChannel:
             if self._poll.now() or (self._tls and self._sock.pending()):
                 self._drain()
             return self._up
-
-    @property
-    def up(self) -> bool:
-        return self._up
 
     @property
     def reason(self) -> str:
@@ -181,6 +257,7 @@ class TrackingChannel:
             return
         if full:
             # The socket was full: Redis may hold further pushes it could not write yet.
+            self.fences += 1
             self._fence()
 
     def _recv(self) -> int:
@@ -220,34 +297,39 @@ class TrackingChannel:
             if not self._pending:
                 self._down(f"a reply nobody asked for: {msg!r:.60}")
                 return False
-            asked, _ = self._pending.popleft()
+            asked, _, check = self._pending.popleft()
             if isinstance(msg, Exception):
                 self._down(f"{asked.decode()} failed: {msg}")
                 return False
-            if asked == b"ROLE" and not (type(msg) is list and msg and msg[0] == b"master"):
-                self._down("the server is no longer the master (a failover)")
+            reason = check(msg)
+            if reason is not None:
+                self._down(reason)
                 return False
 
-    def _send(self, command: bytes) -> bool:
-        """Send a one-word command (PING or ROLE) whose reply is expected in order."""
-        frame = b"*1\r\n$%d\r\n%s\r\n" % (len(command), command)
+    def _send(self, probe: Probe) -> bool:
+        """Send a short command (PING, ROLE, a probe) whose reply is expected in order
+        and checked by the probe's check when it comes."""
+        command, check = probe
+        frame = b"*%d\r\n" % len(command) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(part), part) for part in command
+        )
+        name = b" ".join(command)
         try:
             sent = self._sock.send(frame)
         except OSError as exc:
-            self._down(f"could not send {command.decode()} ({exc})")
+            self._down(f"could not send {name.decode()} ({exc})")
             return False
         if sent != len(frame):
             self._down("the connection is not accepting writes")
             return False
-        self._pending.append((command, time.monotonic()))
+        self._pending.append((name, time.monotonic(), check))
         return True
 
-    def _fence(self) -> None:
-        """PING and read (bounded by half the interval) until its reply: every push
-        Redis queued before it has then been applied."""
-        if not self._send(b"PING"):
+    def _fence(self, probe: Probe | None = None) -> None:
+        """PING (or ``probe``) and read (bounded by half the interval) until its reply:
+        every push Redis queued before it has then been applied."""
+        if not self._send(probe or (_PING, lambda _r: None)):
             return
-        self.fences += 1
         wanted = len(self._pending)
         deadline = time.monotonic() + self.interval / 2
         while self._up and len(self._pending) >= wanted:
@@ -334,34 +416,18 @@ class TrackingChannel:
             poller.close()
 
     def _ensure_thread(self) -> None:
-        """Start the health thread if this process has none (lock held)."""
-        if self._closed:
-            return
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            return
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._health, name="ormcache-near-cache", daemon=True
-        )
-        self._thread.start()
+        if not self._member:
+            super()._ensure_thread()
 
-    def _health(self) -> None:
-        stop = self._stop
-        while not stop.is_set():
-            if self._sock is None:
-                try:
-                    self._setup()
-                except Exception as exc:
-                    with self.lock:
-                        reason = f"cannot set up the push channel ({exc})"
-                        if reason != self._last_reason:
-                            logger.warning("ormcache: near cache off: %s: %s", self.where, reason)
-                        self._last_reason = reason
-            else:
-                with self.lock:
-                    self._check()
-            stop.wait(self.interval / 2)
+    def _step(self) -> None:
+        if self._sock is None:
+            try:
+                self._setup()
+            except Exception as exc:
+                self._setup_failed(exc)
+        else:
+            with self.lock:
+                self._check()
 
     def _check(self) -> None:
         """One health step (lock held): drain, fail a ping left unanswered, ping."""
@@ -377,7 +443,7 @@ class TrackingChannel:
                     "(Redis hung or unreachable)"
                 )
             return
-        self._send(b"ROLE" if self._check_role else b"PING")
+        self._send(self._probe)
 
     def close(self) -> None:
         with self.lock:
@@ -385,9 +451,10 @@ class TrackingChannel:
             self._stop.set()
             self._down("closed")
 
-    def _forked(self) -> None:
-        """In a child: drop the parent's socket without reading it, start afresh."""
-        self.lock = threading.Lock()
+    def _forked(self, lock: threading.Lock | None = None) -> None:
+        """In a child: drop the parent's socket without reading it, start afresh (with
+        ``lock``, the new lock of the cluster channel this one belongs to)."""
+        self.lock = lock if lock is not None else threading.Lock()
         self._pid = os.getpid()
         self._up = False
         self._pending.clear()
@@ -402,7 +469,273 @@ class TrackingChannel:
         self._listener.reset()
 
 
-_channels: weakref.WeakSet[TrackingChannel] = weakref.WeakSet()
+#: One node's view of the cluster: (node id, address, flags, master id, slots) per node,
+#: sorted; what changes only when the topology does (no timestamps, no link states).
+Shape = tuple[tuple[str, str, str, str, str], ...]
+_VOLATILE_FLAGS = frozenset({"myself", "noflags"})
+_UNHEALTHY_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
+
+
+def cluster_shape(reply: Any) -> Shape:
+    """Parse a ``CLUSTER NODES`` reply into its :data:`Shape`."""
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        flags = ",".join(sorted(set(fields[2].split(",")) - _VOLATILE_FLAGS))
+        address = fields[1].split("@", 1)[0]
+        rows.append((fields[0], address, flags, fields[3], " ".join(fields[8:])))
+    return tuple(sorted(rows))
+
+
+def primaries_of(shape: Shape) -> frozenset[str]:
+    """The primaries' addresses (``host:port``); ValueError if the cluster is not whole
+    (a primary failing or unreachable from the node asked: its pushes could be lost)."""
+    primaries = set()
+    for _id, address, flags, _master, _slots in shape:
+        names = set(flags.split(","))
+        if "master" not in names:
+            continue
+        if names & _UNHEALTHY_FLAGS or address.startswith(":"):
+            raise ValueError(f"primary {address} is flagged {flags}")
+        primaries.add(address)
+    if not primaries:
+        raise ValueError("no primary listed")
+    return frozenset(primaries)
+
+
+class ClusterChannel(_Background):
+    """The push channel of a Redis Cluster: one :class:`TrackingChannel` per primary,
+    since a namespace's generations and entries spread over every node's slots.
+
+    It offers what the near cache uses of a channel (``current``, ``lock``, ``up``,
+    ``epoch``, ``reason``, ``interval``, ``close``), with one lock and one listener for
+    all members, and is up only while every member is up and the topology is the one it
+    was set up for:
+
+    * :meth:`current` drains every member's socket (one ``poll`` over all of them);
+    * a member that goes down takes the whole channel down (the listener resets), and
+      ``epoch`` changes each time the whole comes up again, so a refill read while any
+      member reconnected is never remembered;
+    * each member's health probe is ``CLUSTER NODES`` on its own connection: a node that
+      reports other primaries than the ones tracked (a failover promoted a replica, a
+      node was added or removed), or a view that changed since set-up (a resharding, a
+      slot migrating, a node failing), takes the channel down; the health thread then
+      asks the cluster again and tracks the primaries it has now;
+    * a cluster with a primary flagged failing is not tracked at all.
+
+    ``discover`` returns the addresses (``host:port``) of nodes to ask for the topology;
+    ``connect(host, port)`` a redis-py connection speaking RESP3 to one node.
+    """
+
+    def __init__(
+        self,
+        discover: Callable[[], Sequence[str]],
+        connect: Callable[[str, int], Any],
+        prefixes: Sequence[str],
+        listener: Listener,
+        *,
+        where: str,
+        interval: float = HEALTH_INTERVAL,
+    ) -> None:
+        self._discover = discover
+        self._connect = connect
+        self._prefixes = tuple(prefixes)
+        self._listener = listener
+        self.where = where
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.epoch = 0
+        self._up = False
+        self._members: dict[str, TrackingChannel] = {}
+        self._primaries: frozenset[str] = frozenset()
+        self._shapes: dict[str, Shape] = {}
+        self._by_fd: dict[int, TrackingChannel] = {}
+        self._poll: Any = None
+        self._tls = False
+        self._init_background()
+        _channels.add(self)
+
+    # -- the hot path ------------------------------------------------------------------
+    def current(self) -> bool:
+        """Apply every push any member's socket holds; True if memory may serve now."""
+        with self.lock:
+            if not self._up:
+                self._ensure_thread()
+                return False
+            ready = self._poll.now()
+            if ready:
+                by_fd = self._by_fd
+                for fd, _event in ready:
+                    by_fd[fd]._drain()
+                    if not self._up:
+                        return False
+            if self._tls:
+                for member in self._members.values():
+                    if member._sock.pending():
+                        member._drain()
+            return self._up
+
+    @property
+    def reason(self) -> str:
+        """Why the channel went down or could not be set up, the last time it did."""
+        if self._last_reason:
+            return self._last_reason
+        return next((m.reason for m in self._members.values() if m.reason), "")
+
+    # -- members -----------------------------------------------------------------------
+    def invalidated(self, names: Sequence[bytes] | None) -> None:
+        """A member's push (lock held)."""
+        self._listener.invalidated(names)
+
+    def reset(self) -> None:
+        """A member went down or came up (lock held): the whole channel is down until
+        the health thread has checked every member and the topology again."""
+        self._up = False
+        self._listener.reset()
+
+    def _member(self, address: str) -> TrackingChannel:
+        host, _, port = address.rpartition(":")
+
+        def check(reply: Any) -> str | None:
+            return self._same_topology(address, reply)
+
+        return TrackingChannel(
+            lambda: self._connect(host, int(port)),
+            self._prefixes,
+            self,
+            where=f"{self.where} node {address}",
+            interval=self.interval,
+            probe=((b"CLUSTER", b"NODES"), check),
+            lock=self.lock,
+        )
+
+    def _same_topology(self, address: str, reply: Any) -> str | None:
+        """A member's probe reply (lock held): None if the node still sees the cluster
+        as it did when the channel came up."""
+        shape = cluster_shape(reply)
+        try:
+            primaries = primaries_of(shape)
+        except ValueError as exc:
+            return f"the cluster is not whole as seen from {address}: {exc}"
+        if primaries != self._primaries:
+            return (
+                f"the cluster's primaries changed as seen from {address} (a failover, or "
+                "nodes added or removed)"
+            )
+        known = self._shapes.setdefault(address, shape)
+        if known != shape:
+            return f"the cluster's topology changed as seen from {address} (slots moved?)"
+        return None
+
+    def _topology(self) -> frozenset[str]:
+        """The primaries, asked of the first node that answers (lock not held)."""
+        failures = []
+        for address in dict.fromkeys([*self._members, *self._discover()]):
+            host, _, port = address.rpartition(":")
+            try:
+                conn = self._connect(host, int(port))
+                try:
+                    conn.connect()
+                    conn.send_command("CLUSTER", "NODES")
+                    reply = conn.read_response()
+                finally:
+                    conn.disconnect()
+                return primaries_of(cluster_shape(reply))
+            except Exception as exc:
+                failures.append(f"{address}: {exc}")
+        raise ConnectionError("; ".join(failures) or "no node to ask")
+
+    # -- health ------------------------------------------------------------------------
+    def _step(self) -> None:
+        if self._up:
+            with self.lock:
+                for member in list(self._members.values()):
+                    member._check()
+                    if not self._up:
+                        break
+            return
+        try:
+            self._build()
+        except Exception as exc:
+            self._setup_failed(exc)
+
+    def _build(self) -> None:
+        """Track every primary the cluster has now, check that each one sees the same
+        primaries, then serve again (lock not held but to install)."""
+        primaries = self._topology()
+        with self.lock:
+            if self._closed or self._pid != os.getpid():
+                return
+            for address in set(self._members) - primaries:
+                self._members.pop(address)._down("no longer a primary of the cluster")
+            for address in primaries - set(self._members):
+                self._members[address] = self._member(address)
+            self._primaries = primaries
+            self._shapes.clear()
+            members = list(self._members.values())
+        for member in members:
+            if member._sock is None:
+                member._setup()
+        with self.lock:
+            if self._closed or self._primaries != primaries:
+                return
+            for member in members:
+                # A member's first probe records its view; every later one must match.
+                if member._sock is None:
+                    return
+                member._fence(member._probe)
+                if not member.up:
+                    return
+            self._drop_poll()
+            self._poll = _Readiness(*(member._sock for member in members))
+            self._by_fd = {member._sock.fileno(): member for member in members}
+            self._tls = any(m._tls for m in members)
+            self.epoch += 1
+            self._listener.reset()
+            self._up = True
+            if self._last_reason:
+                logger.warning("ormcache: near cache on again (%s)", self.where)
+            self._last_reason = ""
+
+    def _drop_poll(self) -> None:
+        poller, self._poll, self._by_fd = self._poll, None, {}
+        if poller is not None:
+            poller.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            self._stop.set()
+            self._up = False
+            for member in self._members.values():
+                member._closed = True
+                member._last_reason = "closed"  # one channel closing: no line per node
+                member._down("closed")
+            self._drop_poll()
+            self._listener.reset()
+
+    def _forked(self) -> None:
+        """In a child: every member drops the parent's socket; set up afresh."""
+        self.lock = threading.Lock()
+        self._pid = os.getpid()
+        self._up = False
+        self._drop_poll()
+        self._thread = None
+        self._stop = threading.Event()
+        for member in self._members.values():
+            member._forked(self.lock)
+        self._listener.reset()
+
+
+class _Forkable(Protocol):
+    def _forked(self) -> None: ...
+
+
+# Every channel with a life of its own (members of a cluster channel are its business).
+_channels: weakref.WeakSet[_Forkable] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
