@@ -657,6 +657,12 @@ class ClusterChannel(_Background):
                     if not self._up:
                         break
             return
+        with self.lock:
+            # Members still up keep being read while another is set up (or cannot be):
+            # a server holds what a tracking client has not read, without bound.
+            for member in self._members.values():
+                if member.up:
+                    member._drain()
         try:
             self._build()
         except Exception as exc:
