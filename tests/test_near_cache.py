@@ -219,14 +219,14 @@ def test_a_miss_is_remembered_so_the_next_read_costs_no_round_trip(
         with sqlite_engine.begin() as c:
             c.execute(User.__table__.update().where(User.id == 2).values(name=f"s{round_}"))
         assert other_name_of.invalidate(KEY)
-        before_cmds = commands(private_redis.url)
+        before_cmds = commands(private_redis.port)
         assert name_of(KEY) == f"s{round_}"  # a miss: computed and stored
-        stored = commands(private_redis.url)
+        stored = commands(private_redis.port)
         assert stored > before_cmds
         near_hits = cache.stats().near_hits
         assert name_of(KEY) == f"s{round_}"
         assert cache.stats().near_hits == near_hits + 1
-        assert commands(private_redis.url) == stored
+        assert commands(private_redis.port) == stored
     other.close()
     cache.close()
 
