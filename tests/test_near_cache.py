@@ -475,15 +475,23 @@ def test_frozen_redis_stops_near_hits_within_the_health_interval(
     cache.close()
 
 
-def test_a_forked_worker_opens_its_own_channel(private_redis: PrivateRedis, tmp_path: Any) -> None:
+def test_a_forked_worker_opens_its_own_channel(
+    near_server: Server, tmp_path: Any, namespace: str
+) -> None:
     """A worker forked from a process that already served near hits never reads the
-    parent's socket: it sets up its own channel, serves near hits, and sees commits made
-    in the parent."""
+    parent's socket (on a Cluster: any node's): it sets up its own channel, serves near
+    hits, and sees commits made in the parent."""
     url = f"sqlite:///{tmp_path}/fork.db"
     engine = create_engine(url)
     Base.metadata.create_all(engine)
     Session = sessionmaker(engine, expire_on_commit=False)
-    cache, name_of, near = warm(private_redis.url, engine, "near-fork")
+    cache, name_of, near = warm(near_server.url, engine, namespace, **near_server.options)
+    admins = near_server.admins()
+
+    def trackers() -> list[int]:
+        return [len(tracking_clients(admin)) for admin in admins]
+
+    before = trackers()
     ctx = mp.get_context("fork")
     here, there = ctx.Pipe()
 
@@ -502,6 +510,8 @@ def test_a_forked_worker_opens_its_own_channel(private_redis: PrivateRedis, tmp_
     try:
         assert here.poll(20)
         assert here.recv() == ("up", True, "user1")
+        # Its own tracking connection on every node, beside the parent's.
+        assert trackers() == [n + 1 for n in before]
         assert here.poll(10)
         _kind, near_hits = here.recv()
         assert near_hits > 0
@@ -518,6 +528,8 @@ def test_a_forked_worker_opens_its_own_channel(private_redis: PrivateRedis, tmp_
         proc.join(20)
         cache.close()
         engine.dispose()
+        for admin in admins:
+            admin.close()
     assert proc.exitcode == 0
 
 
