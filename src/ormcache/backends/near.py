@@ -9,8 +9,9 @@ Redis. :class:`NearCache` wraps a Redis backend and keeps two bounded tables in 
 * **entries**: cache key → the entry (payload, tags, generations) Redis last served.
 
 Redis pushes every change to a generation key, and to an entry key, through the
-process's :class:`~ormcache.backends.redis.tracking.TrackingChannel`; each push removes
-the changed key from the tables. A hit first applies every push the socket holds, then
+process's :class:`~ormcache.backends.redis.tracking.TrackingChannel` (on a Cluster,
+its :class:`~ormcache.backends.redis.tracking.ClusterChannel`: one per primary); each
+push removes the changed key from the tables. A hit first applies every push the socket holds, then
 serves from memory only if every generation the entry recorded is still the one in the
 table; anything else is today's one round trip, and its answer refills the tables.
 
@@ -21,7 +22,9 @@ processes a later command, so by the time the release's reply reaches the writer
 lease's pushes already sit in every reader's socket, and the reader's hit drains them
 before it looks at memory. Every other invalidation that returns to its caller
 (``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
-``PING`` on the same connection for the same reason. Across hosts a reader can be served
+``PING`` on the same connection for the same reason. On a Cluster this holds per node:
+a tag's lease and release go to the node of its slot, and the fence pings every
+primary. Across hosts a reader can be served
 the old entry for about its own one-way delay from Redis minus the writer's last round
 trip and COMMIT: none while the links are alike, never longer than the reader's one-way
 delay (``benchmarks/bench_push_delay.py`` measures it).

@@ -25,6 +25,10 @@ When the channel's state is unknown, nothing is served from memory:
 * in a forked child, until it made its own connection (the parent's socket is never
   read in the child).
 
+On a Redis Cluster, :class:`ClusterChannel` keeps one such connection per primary under
+one lock, and is off whenever any of them is, or the cluster's topology differs from
+the one it was set up for (its probe is ``CLUSTER NODES``; see the class).
+
 A background thread sends the health pings and reconnects; it never serves anything.
 """
 
