@@ -707,3 +707,47 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
         assert totals["near_hits"] > 0.8 * totals["reads"], totals
     else:
         assert totals["near_hits"] > 0, totals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chaos", ["none", "kill-channel"])
+@pytest.mark.parametrize("mode", ["fromcache", "memoize"])
+def test_no_stale_reads_across_processes_with_the_near_cache_on_cluster(
+    cluster: ClusterSetup, postgres_url: str, mode: str, chaos: str
+) -> None:
+    """The same read-mostly race on a three-node Cluster with the near cache opted into
+    (a channel per primary in every process): 0 stale reads, most reads served from
+    process memory. With chaos, one node's push connections are killed (``CLIENT
+    KILL``) every 2 s, each node in turn: still 0 stale."""
+    from tests.test_consistency import race_across_processes
+
+    action = None
+    if chaos == "kill-channel":
+        turn = [0]
+
+        def action() -> None:
+            node = cluster.nodes[turn[0] % len(cluster.nodes)]
+            turn[0] += 1
+            admin = node.client()
+            for client_id in tracking_clients(admin):
+                admin.client_kill_filter(_id=client_id)
+            admin.close()
+
+    totals = race_across_processes(
+        postgres_url,
+        cluster.url,
+        f"near-race-{uuid.uuid4().hex[:8]}",
+        mode,
+        f"cluster/near/{chaos}",
+        writer_pause=0.05,
+        reads_required=NEAR_RACE_READS if chaos == "none" else NEAR_RACE_READS // 5,
+        chaos=action,
+        min_seconds=12.0,
+        reader_pause=0.0002,
+        near_cache=True,
+    )
+    assert totals["stale"] == 0
+    if chaos == "none":
+        assert totals["near_hits"] > 0.8 * totals["reads"], totals
+    else:
+        assert totals["near_hits"] > 0, totals
