@@ -663,7 +663,6 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
     read-mostly load: the writers commit about 40 times a second in all). Under chaos the
     push connections are killed (``CLIENT KILL``) every 2 s, or Redis is restarted (empty)
     every 3 s: still 0 stale."""
-    from tests.test_consistency import race_across_processes
 
     db_url = request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
     server = PrivateRedis(str(tmp_path / "redis"))
@@ -686,24 +685,31 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
             server.start()
 
     try:
-        totals = race_across_processes(
-            db_url,
-            server.url,
-            f"near-race-{uuid.uuid4().hex[:8]}",
-            mode,
-            f"{database}/near/{chaos}",
-            # A read-mostly load: each writer commits about every 50 ms.
-            writer_pause=0.05,
-            reads_required=NEAR_RACE_READS if chaos == "none" else NEAR_RACE_READS // 5,
-            chaos=action,
-            chaos_every=every,
-            min_seconds=12.0,
-            reader_pause=0.0002,
-        )
+        near_race(db_url, server.url, mode, f"{database}/near/{chaos}", action, chaos_every=every)
     finally:
         server.kill()
+
+
+def near_race(db_url: str, url: str, mode: str, label: str, chaos: Any, **options: Any) -> None:
+    """The read-mostly race (each writer commits about every 50 ms): 0 stale, and over
+    80% near hits without chaos (some with it)."""
+    from tests.test_consistency import race_across_processes
+
+    totals = race_across_processes(
+        db_url,
+        url,
+        f"near-race-{uuid.uuid4().hex[:8]}",
+        mode,
+        label,
+        writer_pause=0.05,
+        reads_required=NEAR_RACE_READS if chaos is None else NEAR_RACE_READS // 5,
+        chaos=chaos,
+        min_seconds=12.0,
+        reader_pause=0.0002,
+        **options,
+    )
     assert totals["stale"] == 0
-    if chaos == "none":
+    if chaos is None:
         assert totals["near_hits"] > 0.8 * totals["reads"], totals
     else:
         assert totals["near_hits"] > 0, totals
@@ -719,7 +725,6 @@ def test_no_stale_reads_across_processes_with_the_near_cache_on_cluster(
     (a channel per primary in every process): 0 stale reads, most reads served from
     process memory. With chaos, one node's push connections are killed (``CLIENT
     KILL``) every 2 s, each node in turn: still 0 stale."""
-    from tests.test_consistency import race_across_processes
 
     action = None
     if chaos == "kill-channel":
@@ -733,21 +738,4 @@ def test_no_stale_reads_across_processes_with_the_near_cache_on_cluster(
                 admin.client_kill_filter(_id=client_id)
             admin.close()
 
-    totals = race_across_processes(
-        postgres_url,
-        cluster.url,
-        f"near-race-{uuid.uuid4().hex[:8]}",
-        mode,
-        f"cluster/near/{chaos}",
-        writer_pause=0.05,
-        reads_required=NEAR_RACE_READS if chaos == "none" else NEAR_RACE_READS // 5,
-        chaos=action,
-        min_seconds=12.0,
-        reader_pause=0.0002,
-        near_cache=True,
-    )
-    assert totals["stale"] == 0
-    if chaos == "none":
-        assert totals["near_hits"] > 0.8 * totals["reads"], totals
-    else:
-        assert totals["near_hits"] > 0, totals
+    near_race(postgres_url, cluster.url, mode, f"cluster/near/{chaos}", action, near_cache=True)
