@@ -24,10 +24,10 @@ before it looks at memory. Every other invalidation that returns to its caller
 (``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
 ``PING`` on the same connection for the same reason. On a Cluster this holds per node:
 a tag's lease and release go to the node of its slot, and the fence pings every
-primary. Across hosts a reader can be served
-the old entry for about its own one-way delay from Redis minus the writer's last round
-trip and COMMIT: none while the links are alike, never longer than the reader's one-way
-delay (``benchmarks/bench_push_delay.py`` measures it).
+primary. Across hosts a reader can be served the old entry for about its own one-way
+delay from Redis minus the writer's last round trip and COMMIT: none while the links
+are alike, never longer than the reader's one-way delay
+(``benchmarks/bench_push_delay.py`` measures it).
 
 Stores are remembered too (see :meth:`NearCache.set`), so a miss costs no extra round
 trip afterwards.
