@@ -45,13 +45,17 @@ class FlakyBackend:
         self.failing: set[str] = set()
         self.interrupt: dict[str, BaseException] = {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        #: Whether failures are timeouts (the backend made the caller wait).
+        self.slow = False
 
     def _enter(self, op: str, *args: Any) -> None:
         self.calls.append((op, args))
         if op in self.interrupt:
             raise self.interrupt.pop(op)
         if op in self.failing or "*" in self.failing:
-            raise BackendError(f"{op} failed (test double)")
+            error = BackendError(f"{op} failed (test double)")
+            error.slow = self.slow
+            raise error
 
     def ops(self) -> list[str]:
         return [op for op, _ in self.calls]
@@ -428,3 +432,27 @@ def test_an_outage_logs_one_warning_per_kind(rig: Rig, caplog: pytest.LogCapture
     assert len(messages) == 2, messages
     assert any("get failed" in m for m in messages)
     assert any("delete failed" in m for m in messages)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["refused", "timed-out"])
+def test_an_open_breaker_skips_commits_only_for_a_backend_that_makes_them_wait(
+    slow: bool,
+) -> None:
+    """Redis restarting refuses connections at once; a hung Redis makes calls time out.
+    With the breaker open after refusals, a commit still tries its lease, so a commit
+    made once Redis is back invalidates (before, it was owed until the cool-down ended,
+    while other processes stored and served what it changed: the near-cache race with
+    Redis restarts saw 595 stale reads). After timeouts it is owed without trying, so a
+    commit never waits on a hung backend (issue 12)."""
+    rig = Rig(threshold=1)
+    rig.backend.slow = slow
+    rig.backend.failing.add("*")
+    rig.guard.get("k")  # fails: the breaker opens
+    assert rig.breaker.is_open
+    rig.heal()  # Redis is back, and the cool-down has not passed
+    rig.guard.acquire_lease(["t:users"], "w", 60)
+    tried = "acquire_lease" in rig.backend.ops()
+    assert tried is not slow
+    if not slow:
+        assert not rig.breaker.is_open  # the lease went through and closed it
+        assert rig.guard.raw.owed_tags() == []

@@ -50,7 +50,13 @@ class UncacheableValueError(OrmCacheError, TypeError):
 
 
 class BackendError(OrmCacheError):
-    """The cache backend could not be reached or answered with an error."""
+    """The cache backend could not be reached or answered with an error.
+
+    ``slow`` says the failure made the caller wait (a timeout: the backend hangs or is
+    unreachable), as opposed to failing at once (a refused connection, an error reply).
+    """
+
+    slow: bool = False
 
 
 class CorruptPayloadError(BackendError):

@@ -117,4 +117,6 @@ def run_redis(where: str, what: str, call: Callable[[], T]) -> T:
         row = row_for(type(exc))
         template = ERRORS[row] if row is not None else _DEFAULT
         message = template.format(what=what, name=type(exc).__name__, exc=exc)
-        raise BackendError(f"{where} {message}") from exc
+        error = BackendError(f"{where} {message}")
+        error.slow = template is _TIMEOUT
+        raise error from exc
