@@ -97,6 +97,13 @@ class _Readiness:
             self._epoll.close()
 
 
+def _frame(command: Sequence[bytes]) -> bytes:
+    """``command`` as a RESP request (an array of bulk strings)."""
+    return b"*%d\r\n" % len(command) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in command
+    )
+
+
 class Listener(Protocol):
     """What the channel tells (always while holding :attr:`TrackingChannel.lock`)."""
 
@@ -314,9 +321,7 @@ class TrackingChannel(_Background):
         """Send a short command (PING, ROLE, a probe) whose reply is expected in order
         and checked by the probe's check when it comes."""
         command, check = probe
-        frame = b"*%d\r\n" % len(command) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(part), part) for part in command
-        )
+        frame = _frame(command)
         name = b" ".join(command)
         try:
             sent = self._sock.send(frame)
@@ -373,13 +378,10 @@ class TrackingChannel(_Background):
         conn.connect()
         sock = conn._sock
         reader = hiredis.Reader()
-        args = ["CLIENT", "TRACKING", "ON", "BCAST"]
+        args = [b"CLIENT", b"TRACKING", b"ON", b"BCAST"]
         for prefix in self._prefixes:
-            args += ["PREFIX", prefix]
-        frame = b"*%d\r\n" % len(args) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
-        )
-        sock.sendall(frame)
+            args += [b"PREFIX", prefix.encode()]
+        sock.sendall(_frame(args))
         # Read the reply ourselves: pushes may follow it in the same segment, and
         # redis-py's parser would keep them in its own buffer.
         sock.settimeout(max(self.interval, 0.5))
