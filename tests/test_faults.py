@@ -570,3 +570,57 @@ def test_a_failed_entry_delete_is_owed_not_forgotten(tmp_path: Any) -> None:
     finally:
         cache.close()
         server.kill()
+
+
+@pytest.mark.parametrize("near_cache", [False, True], ids=["redis", "near"])
+def test_a_commit_whose_lease_was_refused_still_invalidates_once_redis_is_back(
+    private_redis: PrivateRedis, db_engine: Any, near_cache: bool
+) -> None:
+    """Redis restarts (empty) while a commit is under way: the lease is refused, Redis
+    is back before COMMIT, and a process that connected since reads the old row and
+    stores it in the new Redis. The commit's release must still bump (a refusal cost
+    the commit nothing, so there is no wait to save): before, a refused lease made the
+    release owed without trying it, and the other process served the old row after
+    commit() returned, until the writer's next cached read paid the debt."""
+    from sqlalchemy import create_engine, event, update
+
+    writer_engine = create_engine(db_engine.url)
+    reader_engine = create_engine(db_engine.url)
+    Writer = sessionmaker(writer_engine, expire_on_commit=False)
+    Reader = sessionmaker(reader_engine, expire_on_commit=False)
+    keys = seed(Writer, n=2)
+    options: dict[str, Any] = {
+        "namespace": f"refused-lease-{uuid.uuid4().hex[:8]}",
+        "socket_timeout": 1.0,
+        "connect_timeout": 1.0,
+        "near_cache": near_cache,
+    }
+    writer_cache = Cache(private_redis.url, **options)
+    writer_cache.attach(Writer)
+    reader_cache = Cache(private_redis.url, **options)
+    reader_cache.attach(Reader)
+    name_of = lookup_fn(reader_cache, Reader)
+    read_in_between: list[str | None] = []
+
+    def redis_back_and_a_read_before_commit(conn: Any) -> None:
+        private_redis.start()  # the same port, empty
+        # The old row, stored in the new Redis (a thread: another call, not this one).
+        reader = threading.Thread(target=lambda: read_in_between.append(name_of(keys[0])))
+        reader.start()
+        reader.join()
+
+    private_redis.kill()
+    with Writer() as s:
+        s.execute(update(User).where(User.id == 1).values(name="renamed"))
+        event.listen(writer_engine, "commit", redis_back_and_a_read_before_commit, once=True)
+        s.commit()
+    assert read_in_between == ["user0"]
+    assert reader_cache.stats().stores == 1, "the read in between did not store"
+    assert name_of(keys[0]) == "renamed", "the old row was served after commit() returned"
+    assert name_of(keys[0]) == "renamed"
+    assert reader_cache.stats().hits == 1
+    assert writer_cache._core.guard.owed_tags() == [], "Redis answered: nothing is owed"
+    writer_cache.close()
+    reader_cache.close()
+    writer_engine.dispose()
+    reader_engine.dispose()

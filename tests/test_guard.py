@@ -456,3 +456,44 @@ def test_an_open_breaker_skips_commits_only_for_a_backend_that_makes_them_wait(
     if not slow:
         assert not rig.breaker.is_open  # the lease went through and closed it
         assert rig.guard.raw.owed_tags() == []
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["refused", "timed-out"])
+def test_a_refused_lease_still_tries_its_release(rig: Rig, slow: bool) -> None:
+    """A lease refused at once costs the commit nothing, so its release is tried: Redis
+    may be back by then (a restart), and the release's bump is what invalidates what
+    other processes stored meanwhile. After a timeout the release is owed instead: a
+    commit waits on a hung backend at most once."""
+    rig.backend.slow = slow
+    rig.backend.failing.add("acquire_lease")
+    rig.guard.acquire_lease(["t:users"], "w", 60)
+    rig.heal()
+    rig.guard.release_lease(["t:users"], "w")
+    if slow:
+        assert rig.backend.ops() == []
+        assert rig.guard.raw.owed_tags() == ["t:users"]
+    else:
+        # The release went through, and the lease's debt was paid with it.
+        assert rig.backend.ops() == ["release_lease", "bump"]
+        assert rig.guard.raw.owed_tags() == []
+
+
+@pytest.mark.parametrize("op", ["bump", "acquire_lease", "release_lease"])
+def test_a_process_that_only_writes_pays_its_debt_with_its_next_invalidation(
+    rig: Rig, op: str
+) -> None:
+    """Until a debt is paid, other processes may serve what it should have
+    invalidated; a writer that never reads must not wait for a read to pay it."""
+    rig.backend.failing.add("bump")
+    rig.guard.bump(["t:users"])
+    assert rig.guard.raw.owed_tags() == ["t:users"]
+    rig.heal()
+    if op == "bump":
+        rig.guard.bump(["t:orders"])
+    elif op == "acquire_lease":
+        rig.guard.acquire_lease(["t:orders"], "w", 60)
+    else:
+        rig.guard.release_lease(["t:orders"], "w")
+    assert rig.backend.calls[0][0] == op
+    assert rig.backend.calls[1] == ("bump", (("t:users",),))
+    assert rig.guard.raw.owed_tags() == []

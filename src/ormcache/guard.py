@@ -292,8 +292,17 @@ class Guard:
             # bump may not have happened, so it is owed, and the interruption goes on.
             self.owe(tags)
             raise
-        self.breaker.success()
+        self._delivered()
         return True
+
+    def _delivered(self) -> None:
+        """An invalidation went through: the backend answers again, so what is owed is
+        paid now. A process that only writes would otherwise pay only at its next read,
+        and until then other processes could serve what its failed bumps should have
+        invalidated."""
+        self.breaker.success()
+        if self._owed or self._owed_deletes:
+            self._settle()
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
         tags = collapse_tags(tags)
@@ -306,12 +315,17 @@ class Guard:
         except BackendError as exc:
             self._failed("lease", exc)
             self.owe(tags)
-            self._note_unleased(token)
+            if exc.slow:
+                # The commit waited once already: its release is owed, not waited for
+                # again. A refusal cost nothing, so the release is still tried: Redis may
+                # be back by then (a restart), and other processes may already have
+                # stored what this commit changes.
+                self._note_unleased(token)
             return
         except BaseException:
             self.owe(tags)  # interrupted: see bump()
             raise
-        self.breaker.success()
+        self._delivered()
         with self._owed_lock:
             self._held.add(token)
 
@@ -337,7 +351,7 @@ class Guard:
         except BaseException:
             self._owe_release(tags, token, held)  # interrupted: see bump()
             raise
-        self.breaker.success()
+        self._delivered()
 
     def _note_unleased(self, token: str) -> None:
         with self._owed_lock:
