@@ -130,3 +130,26 @@ def test_concurrent_failures_are_all_counted() -> None:
     run_threads(fail, 8)
     assert opened.count(True) == 1
     assert breaker.is_open
+
+
+def test_writes_skip_the_backend_only_while_open_after_a_failure_that_made_callers_wait() -> None:
+    """A hung backend (timeouts) makes invalidations owed without trying while the
+    breaker is open; a refusing one (Redis restarting) is still tried, since a refusal
+    costs nothing; and a timeout older than the cool-down no longer counts."""
+    breaker, clock = make(threshold=2, cooldown=5.0)
+    breaker.failure()
+    breaker.failure()
+    assert breaker.is_open
+    assert not breaker.skips_writes(), "refusals only"
+    breaker.failure(slow=True)
+    assert breaker.skips_writes()
+    clock.advance(4.9)
+    assert breaker.skips_writes()
+    clock.advance(0.2)  # half-open: the write is the probe
+    assert not breaker.skips_writes()
+    breaker.failure()  # the probe is refused: open again, the timeout is 5.1 s old
+    assert breaker.is_open
+    assert not breaker.skips_writes()
+    breaker.success()
+    breaker.failure(slow=True)  # closed: one timeout does not open it
+    assert not breaker.skips_writes()

@@ -20,7 +20,16 @@ class CircuitBreaker:
     a clock by hand instead of sleeping (``tests/test_breaker.py``).
     """
 
-    __slots__ = ("_clock", "_failures", "_lock", "_opened_at", "_probing", "cooldown", "threshold")
+    __slots__ = (
+        "_clock",
+        "_failures",
+        "_lock",
+        "_opened_at",
+        "_probing",
+        "_slow_at",
+        "cooldown",
+        "threshold",
+    )
 
     def __init__(
         self,
@@ -36,6 +45,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._slow_at: float | None = None
 
     @property
     def is_open(self) -> bool:
@@ -62,9 +72,26 @@ class CircuitBreaker:
                 self._opened_at = None
                 self._probing = False
 
-    def failure(self) -> bool:
-        """Record a failure; True if this failure opened (or re-opened) the breaker."""
+    def skips_writes(self) -> bool:
+        """Whether invalidations skip the backend too (and are owed): the breaker is open
+        and a failure within the cool-down made its caller wait (a timeout).
+
+        A backend that fails at once (a refused connection: Redis restarting) is still
+        tried, since trying costs nothing: were it skipped, a commit made after Redis
+        came back would go uninvalidated until the cool-down ends, while other
+        processes, whose breakers closed first, stored and served what it changed.
+        """
+        if self.allow():
+            return False
+        slow_at = self._slow_at
+        return slow_at is not None and self._clock() - slow_at < self.cooldown
+
+    def failure(self, *, slow: bool = False) -> bool:
+        """Record a failure (``slow``: it made the caller wait); True if this failure
+        opened (or re-opened) the breaker."""
         with self._lock:
+            if slow:
+                self._slow_at = self._clock()
             self._failures += 1
             self._probing = False
             if self._failures >= self.threshold:

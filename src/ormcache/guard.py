@@ -80,8 +80,6 @@ class Guard:
         # deleted before the next hit.
         self._owed_deletes: set[str] = set()
         self._owed_lock = threading.Lock()
-        # Until when writes skip the backend once the breaker is open (see _skip_write).
-        self._slow_until = 0.0
 
     # -- plumbing ---------------------------------------------------------------------
     def _b(self) -> Backend:
@@ -90,12 +88,11 @@ class Guard:
         return self.backend
 
     def _failed(self, op: str, exc: BackendError) -> None:
-        if exc.slow:
-            # The backend made us wait: commits stop trying it while the breaker is open.
-            self._slow_until = time.monotonic() + self.breaker.cooldown
         mark_call_failed()
         self.stats.incr("errors")
-        opened = self.breaker.failure()
+        # A failure that made us wait stops commits from trying the backend while the
+        # breaker is open (see _skip_write).
+        opened = self.breaker.failure(slow=exc.slow)
         self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, exc)
         if opened:
             self.log.warning(
@@ -246,17 +243,9 @@ class Guard:
     def _skip_write(self) -> bool:
         """Whether a commit's lease, release or bump is owed without trying: the breaker
         is open after the backend made calls wait (hung, or unreachable behind a
-        timeout), so a commit does not wait on it at all.
-
-        A backend that fails at once (a refused connection: Redis restarting) is tried
-        even with the breaker open, since trying costs nothing: were it skipped, a
-        commit made after Redis came back would go uninvalidated until the cool-down
-        ends, while other processes, whose breakers closed first, stored and served what
-        it changed.
-        """
-        if self.breaker.allow():
-            return False
-        return time.monotonic() < self._slow_until
+        timeout), so a commit does not wait on it at all (see
+        :meth:`CircuitBreaker.skips_writes`)."""
+        return self.breaker.skips_writes()
 
     def owed_deletes(self) -> list[str]:
         """Entry keys whose delete this process still owes the backend."""

@@ -234,15 +234,26 @@ class NearCache:
         seq, epoch = tables.seq, channel.epoch
         remote: Entry | None = self._inner.get(key)
         if remote is not None and remote is not UNREADABLE:
-            names = self._names(remote.tags)
-            with channel.lock:
-                if (
-                    channel.up
-                    and channel.epoch == epoch
-                    and not tables.changed_since(seq, (*names, tables.entry_prefix + key.encode()))
-                ):
-                    tables.learn(key, remote, names)
+            self._remember(seq, epoch, key, remote, stored=False)
         return remote
+
+    def _remember(self, seq: int, epoch: int, key: str, entry: Entry, *, stored: bool) -> None:
+        """Keep ``entry``, read or stored by a round trip that began at ``seq`` on the
+        connection of ``epoch``, unless a push since then may have changed it (module
+        docstring). ``stored``: our own store, whose push is still due (see :meth:`set`)."""
+        tables, channel = self._tables, self.channel
+        names = self._names(entry.tags)
+        with channel.lock:
+            if (
+                not channel.up
+                or channel.epoch != epoch
+                or tables.changed_since(seq, (tables.entry_prefix + key.encode(),))
+            ):
+                return
+            if stored:
+                tables.expect(key)
+            if not tables.changed_since(seq, names):
+                tables.learn(key, entry, names)
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         snap: Snapshot | None = self._inner.snapshot(tags)
@@ -262,19 +273,9 @@ class NearCache:
         tables, channel = self._tables, self.channel
         seq, epoch = tables.seq, channel.epoch
         stored: bool = self._inner.set(key, payload, ttl, snapshot)
-        if not stored or not channel.up:
-            return stored
-        names = self._names(snapshot.tags)
-        with channel.lock:
-            if (
-                channel.up
-                and channel.epoch == epoch
-                and not tables.changed_since(seq, (tables.entry_prefix + key.encode(),))
-            ):
-                tables.expect(key)
-                if not tables.changed_since(seq, names):
-                    gens = tuple(str(g).encode() for g in snapshot.gens)
-                    tables.learn(key, Entry(payload, snapshot.tags, gens), names)
+        if stored and channel.up:
+            gens = tuple(str(g).encode() for g in snapshot.gens)
+            self._remember(seq, epoch, key, Entry(payload, snapshot.tags, gens), stored=True)
         return stored
 
     def lock(self, key: str, token: str, ttl: float) -> bool:
