@@ -10,7 +10,7 @@ Redis. :class:`NearCache` wraps a Redis backend and keeps two bounded tables in 
 
 Redis pushes every change to a generation key, and to an entry key, through the
 process's :class:`~ormcache.backends.redis.tracking.TrackingChannel` (on a Cluster,
-its :class:`~ormcache.backends.redis.tracking.ClusterChannel`: one per primary); each
+its :class:`~ormcache.backends.redis.cluster_tracking.ClusterChannel`: one per primary); each
 push removes the changed key from the tables. A hit first applies every push the socket holds, then
 serves from memory only if every generation the entry recorded is still the one in the
 table; anything else is today's one round trip, and its answer refills the tables.

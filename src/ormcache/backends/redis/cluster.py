@@ -34,6 +34,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from ormcache.backends.base import Entry, Snapshot
 from ormcache.errors import ConfigurationError
 
+from .cluster_tracking import ClusterChannel
 from .core import (
     ACQUIRE,
     BUMP,
@@ -54,7 +55,7 @@ from .core import (
     unframed,
     wrong_type,
 )
-from .tracking import ClusterChannel, Listener
+from .tracking import Listener
 from .urls import parse_cluster_url
 
 __all__ = ["RedisClusterBackend"]
