@@ -323,6 +323,17 @@ def test_killed_tracking_connection_turns_the_near_cache_off(
     cache.close()
 
 
+def test_closing_the_cache_is_not_logged_as_a_lost_channel(
+    near_server: Server, sqlite_engine: Any, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``cache.close()`` at shutdown closes the push channel on purpose: no warning that
+    the near cache is off "until its push channel is back" (it never comes back)."""
+    cache, _name_of, _near = warm(near_server.url, sqlite_engine, namespace, **near_server.options)
+    with caplog.at_level("WARNING", logger="ormcache"):
+        cache.close()
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_killed_tracking_connection_on_one_cluster_node_turns_the_near_cache_off(
     cluster: ClusterSetup, sqlite_engine: Any, namespace: str
 ) -> None:

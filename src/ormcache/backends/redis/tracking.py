@@ -468,6 +468,8 @@ class TrackingChannel(Background):
         with self.lock:
             self._closed = True
             self._stop.set()
+            # Closed on purpose (cache.close()): nothing to warn about.
+            self._last_reason = "closed"
             self._down("closed")
 
     def _forked(self, lock: threading.Lock | None = None) -> None:
