@@ -83,6 +83,43 @@ class PrivateRedis:
         return redis.Redis(port=self.port)
 
 
+def tls_redis(tmp: str) -> tuple[PrivateRedis, str]:
+    """A private server that also speaks TLS, and the ``rediss://`` URL of its TLS port.
+
+    Its certificate is self-signed for 127.0.0.1 (made by ``openssl``, which a Redis
+    built with TLS needs anyway); the URL names it as the CA. The plain port stays open
+    for the test's own administration (``client()``, ``CLIENT KILL``)."""
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed; the TLS tests make their own certificate")
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls_port = free_port()
+    server = PrivateRedis(
+        tmp,
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        cert,
+        "--tls-key-file",
+        key,
+        "--tls-ca-cert-file",
+        cert,
+        "--tls-auth-clients",
+        "no",
+    )
+    return server, f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+
+
 class SentinelSetup:
     """A master, one replica and one Sentinel (quorum 1) that fails over within about
     a second of the master going down."""

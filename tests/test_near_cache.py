@@ -23,7 +23,7 @@ from ormcache import Cache, FromCache
 from ormcache.backends.near import NearCache
 from tests import near_workers
 from tests.models import Base, User, key_hash, seed
-from tests.redis_procs import ClusterSetup, PrivateRedis
+from tests.redis_procs import ClusterSetup, PrivateRedis, tls_redis
 from tests.support.sql import SQLCounter
 
 KEY = "key-1-secret"
@@ -68,13 +68,22 @@ class Server:
         return [redis.Redis(port=port) for port in self.ports]
 
 
-@pytest.fixture(params=["standalone", "cluster"])
-def near_server(request: pytest.FixtureRequest) -> Server:
+@pytest.fixture(params=["standalone", "tls", "cluster"])
+def near_server(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Server]:
     if request.param == "standalone":
         single: PrivateRedis = request.getfixturevalue("private_redis")
-        return Server(single.url, [single.port])
+        yield Server(single.url, [single.port])
+        return
+    if request.param == "tls":
+        # rediss://: the push channel reads through TLS, where decrypted pushes can sit
+        # in the TLS layer's buffer with nothing left on the socket for epoll to see.
+        server, url = tls_redis(str(tmp_path / "tls"))
+        server.start()
+        yield Server(url, [server.port])
+        server.kill()
+        return
     cluster: ClusterSetup = request.getfixturevalue("cluster")
-    return Server(cluster.url, [n.port for n in cluster.nodes], {"near_cache": True})
+    yield Server(cluster.url, [n.port for n in cluster.nodes], {"near_cache": True})
 
 
 def commands(*ports: int) -> int:
@@ -579,24 +588,41 @@ def test_near_cache_memory_is_bounded(redis_url: str, sqlite_engine: Any, namesp
     small.close()
 
 
+@pytest.fixture(params=["plain", "tls"])
+def plain_or_tls(
+    request: pytest.FixtureRequest, tmp_path: Any
+) -> Iterator[tuple[PrivateRedis, str]]:
+    """A private server, and the URL to reach it by: ``redis://``, or ``rediss://``."""
+    if request.param == "plain":
+        server = PrivateRedis(str(tmp_path / "plain"))
+        url = server.url
+    else:
+        server, url = tls_redis(str(tmp_path / "tls"))
+    server.start()
+    yield server, url
+    server.kill()
+
+
 def test_many_pushes_at_once_are_all_applied(
-    private_redis: PrivateRedis, sqlite_engine: Any
+    plain_or_tls: tuple[PrivateRedis, str], sqlite_engine: Any
 ) -> None:
     """More pushes than one socket read holds (30,000 bumps while the process is idle,
     the commit that matters among them): the hit applies every one, fencing with a PING
-    when its buffer came back full, and never serves the old value."""
+    when its buffer came back full, and never serves the old value. Over TLS a read
+    returns one record, and the rest wait on the socket."""
+    server, url = plain_or_tls
     Session = sessionmaker(sqlite_engine, expire_on_commit=False)
     seed(Session)
-    cache = Cache(private_redis.url, namespace="near-flood")
+    cache = Cache(url, namespace="near-flood")
     cache.attach(Session)
     name_of = near_workers.lookups(cache, Session)
     near = near_of(cache)
     assert wait_until(lambda: near.channel.current())
-    writer = Cache(private_redis.url, namespace="near-flood", near_cache=False)
+    writer = Cache(url, namespace="near-flood", near_cache=False)
     for round_ in range(3):
         for _ in range(3):
             name_of(KEY)
-        client = private_redis.client()
+        client = server.client()
         with client.pipeline(transaction=False) as pipe:
             for i in range(30_000):
                 pipe.incr(f"near-flood:g:noise-{round_}-{i}")
@@ -697,6 +723,29 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
 
     try:
         near_race(db_url, server.url, mode, f"{database}/near/{chaos}", action, chaos_every=every)
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fromcache", "memoize"])
+def test_no_stale_reads_across_processes_with_the_near_cache_over_tls(
+    tmp_path: Any, postgres_url: str, mode: str
+) -> None:
+    """The same race over ``rediss://`` (the near cache is on by default there too),
+    with the push connections killed every 2 s: a TLS socket hands over one record per
+    read, so a drain that stopped early would serve from memory with pushes unread."""
+    server, url = tls_redis(str(tmp_path / "tls"))
+    server.start()
+
+    def action() -> None:
+        admin = server.client()
+        for client_id in tracking_clients(admin):
+            admin.client_kill_filter(_id=client_id)
+        admin.close()
+
+    try:
+        near_race(postgres_url, url, mode, "postgresql/near/tls", action, chaos_every=2.0)
     finally:
         server.kill()
 
