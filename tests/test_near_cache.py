@@ -343,6 +343,37 @@ def test_closing_the_cache_is_not_logged_as_a_lost_channel(
     assert [r.getMessage() for r in caplog.records] == []
 
 
+def test_invalidations_are_fenced_by_processes_without_a_near_cache_too(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Other processes have a near cache by default, so an invalidation that returns to
+    its caller takes the fence's round trip in every process, near cache or not: a
+    worker with ``near_cache=False`` calling ``invalidate()`` must not return before its
+    pushes sit in every near cache's socket (Redis 7's I/O threads, or a reader whose
+    socket was already being written, may write the push after the reply)."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    seed(Session)
+    cache = Cache(private_redis.url, namespace="near-fenced", near_cache=False)
+    cache.attach(Session)
+    name_of = near_workers.lookups(cache, Session)
+    name_of(KEY)
+    admin = private_redis.client()
+
+    def pings() -> int:
+        return int(admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
+
+    for call in (
+        lambda: cache.invalidate(User, raise_on_error=True),
+        lambda: name_of.invalidate(KEY),
+        lambda: cache.clear(raise_on_error=True),
+    ):
+        before = pings()
+        call()
+        assert pings() == before + 1, "the invalidation returned without a fence"
+    admin.close()
+    cache.close()
+
+
 def test_killed_tracking_connection_on_one_cluster_node_turns_the_near_cache_off(
     cluster: ClusterSetup, sqlite_engine: Any, namespace: str
 ) -> None:

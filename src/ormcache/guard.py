@@ -120,6 +120,9 @@ class Guard:
             if deletes:
                 op = "delete"
                 self._b().delete(deletes)
+            if owed or deletes:
+                op = "fence"
+                self._fence()
         except BackendError as exc:
             self._failed(op, exc)
             return False
@@ -128,6 +131,17 @@ class Guard:
             self._owed_deletes.difference_update(deletes)
         self.breaker.success()
         return not self._owed and not self._owed_deletes
+
+    def _fence(self) -> None:
+        """One more round trip after an invalidation that returns to its caller
+        (``invalidate()``, a delete, ``clear()``, a debt paid), where the backend has
+        one (Redis): by its reply, Redis has written the invalidation's pushes into
+        every near cache's socket, so no process serves what it invalidated once the
+        call has returned. Near cache or not in this process: others have one by
+        default. (A commit needs none: its release is that second round trip.)"""
+        fence = getattr(self._b(), "fence", None)
+        if fence is not None:
+            fence()
 
     def usable(self) -> bool:
         if call_failed():
@@ -180,6 +194,7 @@ class Guard:
         """True if the entries are gone now; else the delete is owed (see the class)."""
         try:
             self._b().delete(keys)
+            self._fence()
         except BackendError as exc:
             self._failed("delete", exc)
             self.owe_deletes(keys)
@@ -272,6 +287,7 @@ class Guard:
             return False
         try:
             self._b().bump(tags)
+            self._fence()
         except BackendError as exc:
             self._failed("bump", exc)
             self.owe(tags)
@@ -363,6 +379,7 @@ class Guard:
         # An administrative sweep, reached only from the sync cache.clear(): always the
         # sync backend (an event loop's twin need not implement it).
         try:
+            # No fence: Cache.clear() bumps the namespace next, and that is fenced.
             self.backend.clear()
         except BackendError as exc:
             self._failed("clear", exc)

@@ -22,7 +22,8 @@ processes a later command, so by the time the release's reply reaches the writer
 lease's pushes already sit in every reader's socket, and the reader's hit drains them
 before it looks at memory. Every other invalidation that returns to its caller
 (``invalidate()``, ``clear()``, a delete, an owed bump paid later) is followed by a
-``PING`` on the same connection for the same reason. On a Cluster this holds per node:
+``PING`` for the same reason, in every process that has Redis as its backend, near
+cache or not (:meth:`ormcache.guard.Guard._fence`). On a Cluster this holds per node:
 a tag's lease and release go to the node of its slot, and the fence pings every
 primary. Across hosts a reader can be served the old entry for about its own one-way
 delay from Redis minus the writer's last round trip and COMMIT: none while the links
@@ -293,13 +294,15 @@ class NearCache:
     def delete(self, keys: Sequence[str]) -> None:
         self._inner.delete(keys)
         self._forget(keys=keys)
-        # Other processes drop their copies from the pushes of this delete: fenced,
-        # so that they sit in every reader's socket before this call returns.
-        self._inner.fence()
 
     def bump(self, tags: Sequence[str]) -> None:
         self._inner.bump(tags)
         self._forget(tags)
+
+    def fence(self) -> None:
+        """The inner backend's fence (the guard runs it after every invalidation that
+        returns to its caller, near cache or not: other processes' near caches drop
+        their copies from its pushes)."""
         self._inner.fence()
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
@@ -316,7 +319,6 @@ class NearCache:
         self._inner.clear()
         with self.channel.lock:
             self._tables.reset()
-        self._inner.fence()
 
     def close(self) -> None:
         self.channel.close()
