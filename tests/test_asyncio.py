@@ -338,3 +338,53 @@ async def test_near_cache_hits_on_the_event_loop(
     finally:
         cache.clear()
         cache.close()
+
+
+async def test_a_commit_in_another_process_is_seen_by_the_next_read_on_the_event_loop(
+    redis_url: str, namespace: str, db_urls: tuple[str, str]
+) -> None:
+    """The near cache's mutation check, on asyncio: another process commits (or
+    invalidates) and answers once its call has returned; the next AsyncSession
+    FromCache read and async memoized read, made at once on the loop, equal the new
+    value, 30 rounds each, though the reads in between are near hits."""
+    import multiprocessing as mp
+
+    from ormcache.backends.near import NearCache
+    from tests import near_workers
+
+    cache = Cache(redis_url, namespace=namespace, strict=True)
+    assert isinstance(cache.backend, NearCache)
+    aengine = create_async_engine(db_urls[1])
+    Session, name_of = memoized_name(cache, aengine)
+    stmt = by_key(1, FromCache(ttl=60))
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=near_workers.writer, args=(db_urls[0], redis_url, namespace, there))
+    proc.start()
+    try:
+        assert here.poll(30)
+        assert here.recv() == "ready"
+        deadline = time.monotonic() + 5
+        while not cache.backend.channel.current() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for i in range(30):
+            for _ in range(3):
+                await name_of(1)
+                async with Session() as s:
+                    (await s.scalars(stmt)).one()
+            value = f"v{i}"
+            here.send(("commit" if i % 2 else "invalidate-table", "key-1-secret", value))
+            assert here.poll(30)
+            assert here.recv() == "done"
+            # The other process's call has returned: no read from now on may be older.
+            assert await name_of(1) == value, f"round {i}: stale memoize read"
+            async with Session() as s:
+                assert (await s.scalars(stmt)).one().name == value, f"round {i}: stale"
+        assert cache.stats().near_hits > 60, "the near cache never served: the test is void"
+    finally:
+        here.send(None)
+        proc.join(30)
+        cache.clear()
+        cache.close()
+        await aengine.dispose()
+    assert proc.exitcode == 0
