@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,19 @@ def test_ping_fails_when_the_near_cache_cannot_track(tmp_path: Path) -> None:
         assert "ORMCACHE_NEAR_CACHE=false" in result.output
     finally:
         server.kill()
+
+
+def test_ping_checks_the_near_cache_where_asked(cluster: Any, redis_url: str) -> None:
+    """A Cluster's near cache is opt-in, so ``ping`` leaves its channels out unless
+    asked (``--near-cache``: one tracking connection per primary must come up and
+    deliver); ``--no-near-cache`` leaves out the default one of ``redis://``."""
+    namespace = f"cli-near-{uuid.uuid4().hex[:8]}"
+    plain = run("--url", cluster.url, "--namespace", namespace, "ping", "-n", "1")
+    assert plain.exit_code == 0, plain.output
+    assert "near cache" not in plain.output
+    checked = run("--url", cluster.url, "--namespace", namespace, "ping", "--near-cache")
+    assert checked.exit_code == 0, checked.output
+    assert "near cache push channel ok" in checked.output
+    skipped = run("--url", redis_url, "--namespace", namespace, "ping", "--no-near-cache")
+    assert skipped.exit_code == 0, skipped.output
+    assert "near cache" not in skipped.output

@@ -90,8 +90,9 @@ def _fence(backend: Backend) -> None:
 
 def _check_near(backend: Backend, timeout: float = 3.0) -> str | None:
     """Check the near cache's push channel, which ``redis://`` and Sentinel use by
-    default (a Cluster only when asked for, so ``ping`` leaves it out there): it must
-    come up (``HELLO 3`` and ``CLIENT TRACKING`` allowed), and a bump must reach it.
+    default (a Cluster only when asked for: ``ping --near-cache``): it must come up
+    (``HELLO 3`` and ``CLIENT TRACKING`` allowed), and a bump must reach it.
+
     Returns a line for the report, None where there is no near cache; raises
     BackendError if the channel cannot work (the near cache would stay off)."""
     if not hasattr(backend, "tracking_channel"):
@@ -189,16 +190,23 @@ def _build() -> Any:
 
     @cli.command()
     @click.option("-n", "--count", default=5, show_default=True, help="round trips to time")
+    @click.option(
+        "--near-cache/--no-near-cache",
+        default=None,
+        help="check the near cache's push channel, or not; default: where the cache has "
+        "one by default (redis://, rediss://, Sentinel; a Cluster's is opt-in)",
+    )
     @click.pass_context
-    def ping(ctx: Any, count: int) -> None:
+    def ping(ctx: Any, count: int, near_cache: bool | None) -> None:
         """Check that the backend answers every step the cache uses, and time a hit's
         round trip."""
+        from ormcache.core import near_cache_for
+
         backend = _backend(ctx)
         try:
             _exercise(backend)
-            # Opt-in on a Cluster (near_cache=True): checked where it is on by default.
-            opt_in = ctx.obj["url"].lower().startswith("redis+cluster:")
-            near = None if opt_in else _check_near(backend)
+            wanted = near_cache_for(ctx.obj["url"], near_cache)
+            near = _check_near(backend) if wanted else None
             times = []
             for _ in range(max(1, count)):
                 start = time.perf_counter()
