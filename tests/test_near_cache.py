@@ -216,11 +216,12 @@ def test_near_hit_runs_no_sql_and_no_redis_command(
     cache.close()
 
 
-def test_a_miss_is_remembered_so_the_next_read_costs_no_round_trip(
+def test_the_read_after_a_store_refills_from_redis_then_memory_serves(
     private_redis: PrivateRedis, sqlite_engine: Any
 ) -> None:
-    """What a miss stored is served from memory by the very next read (the store's own
-    push does not drop it), and a delete by another process right after still does."""
+    """A store is not remembered (its own push cannot be told from another process's
+    change in the same Redis turn): the next read costs one round trip and refills
+    memory, the one after costs none."""
     cache, name_of, _ = warm(private_redis.url, sqlite_engine, "near-store")
     other = Cache(private_redis.url, namespace="near-store", near_cache=False)
     other_name_of = near_workers.lookups(other, sessionmaker(sqlite_engine))
@@ -228,16 +229,62 @@ def test_a_miss_is_remembered_so_the_next_read_costs_no_round_trip(
         with sqlite_engine.begin() as c:
             c.execute(User.__table__.update().where(User.id == 2).values(name=f"s{round_}"))
         assert other_name_of.invalidate(KEY)
-        before_cmds = commands(private_redis.port)
         assert name_of(KEY) == f"s{round_}"  # a miss: computed and stored
-        stored = commands(private_redis.port)
-        assert stored > before_cmds
-        near_hits = cache.stats().near_hits
+        stats = cache.stats()
+        before = commands(private_redis.port)
         assert name_of(KEY) == f"s{round_}"
-        assert cache.stats().near_hits == near_hits + 1
-        assert commands(private_redis.port) == stored
+        assert commands(private_redis.port) == before + 1, "the refill is one round trip"
+        assert cache.stats().hits == stats.hits + 1
+        assert cache.stats().near_hits == stats.near_hits
+        assert name_of(KEY) == f"s{round_}"
+        assert cache.stats().near_hits == stats.near_hits + 1
+        assert commands(private_redis.port) == before + 1
     other.close()
     cache.close()
+
+
+def test_a_delete_in_the_same_redis_turn_as_our_store_is_never_masked(tmp_path: Any) -> None:
+    """Redis sends the keys changed in one turn of its event loop as one push: our store
+    of K and another process's delete of K right after it, in the same turn, arrive as
+    a single push for K. Before, the near cache counted that push as its own store's,
+    kept its copy, and served the deleted entry from memory for good (found by review:
+    3 of 3 runs). ``DEBUG SLEEP`` on a third connection holds Redis so that both
+    commands land in one turn; whatever order Redis runs them in, memory must serve
+    exactly what Redis holds."""
+    server = PrivateRedis(str(tmp_path / "redis"), "--enable-debug-command", "yes")
+    server.start()
+    cache = Cache(server.url, namespace="near-turn")
+    near = near_of(cache)
+    admin = server.client()
+    sleeper = server.client()
+    try:
+        assert wait_until(lambda: near.channel.current())
+        snap = near.snapshot(["t:x"])
+        assert snap is not None
+        assert near.set("warm", b"w", None, snap)  # the generation is persisted once
+        for round_ in range(5):
+            key = f"K{round_}"
+            name = near.inner.entry_name(key)  # type: ignore[attr-defined]
+            hold = threading.Thread(target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.2"))
+            hold.start()
+            time.sleep(0.05)
+            store = threading.Thread(target=near.set, args=(key, b"old", None, snap))
+            store.start()
+            time.sleep(0.05)
+            admin.unlink(name)  # queued behind the sleep, after the store
+            admin.ping()  # the delete's fence: its call has returned
+            hold.join()
+            store.join()
+            held = admin.get(name)
+            for _ in range(3):
+                served = near.get(key)
+                assert (served is None) == (held is None), f"round {round_}: memory {served}"
+            assert wait_until(lambda: near.channel.current())
+    finally:
+        admin.close()
+        sleeper.close()
+        cache.close()
+        server.kill()
 
 
 @pytest.mark.parametrize("action", ["commit", "invalidate-table", "invalidate-key"])

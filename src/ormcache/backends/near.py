@@ -30,8 +30,8 @@ delay from Redis minus the writer's last round trip and COMMIT: none while the l
 are alike, never longer than the reader's one-way delay
 (``benchmarks/bench_push_delay.py`` measures it).
 
-Stores are remembered too (see :meth:`NearCache.set`), so a miss costs no extra round
-trip afterwards.
+Stores are not remembered (see :meth:`NearCache.set`): the read after a store refills
+from Redis, one round trip.
 
 Why refilling cannot undo a push: a refill is applied only if no push for any of its
 keys was applied since just before the round trip that read it (a ring of recent pushes,
@@ -68,9 +68,6 @@ class NearTables:
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple[Entry, tuple[bytes, ...], int]] = {}
         self.gens: dict[bytes, bytes] = {}
-        # Entry keys this process stored and remembered, whose next push (the store's
-        # own) is not a change by anyone else: key -> stores whose push is still due.
-        self.expected: dict[str, int] = {}
         self.bytes = 0
         self.seq = 0
         self.ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RING)
@@ -86,19 +83,11 @@ class NearTables:
             self.seq += 1
             ring.append((self.seq, name))
             if gens.pop(name, None) is None and name.startswith(prefix):
-                key = name[n:].decode("utf-8", "surrogateescape")
-                due = self.expected.pop(key, 0)
-                if due:
-                    # Our own store's push: what we remembered is what Redis now holds.
-                    if due > 1:
-                        self.expected[key] = due - 1
-                    continue
-                self._drop(key)
+                self._drop(name[n:].decode("utf-8", "surrogateescape"))
 
     def reset(self) -> None:
         self.entries.clear()
         self.gens.clear()
-        self.expected.clear()
         self.bytes = 0
         self.seq += 1
         self.ring.append((self.seq, _ALL))
@@ -113,7 +102,6 @@ class NearTables:
         for key in keys:
             self.seq += 1
             self.ring.append((self.seq, self.entry_prefix + key.encode()))
-            self.expected.pop(key, None)
             self._drop(key)
 
     def _drop(self, key: str) -> None:
@@ -136,12 +124,6 @@ class NearTables:
             if name in wanted:
                 return True
         return False
-
-    def expect(self, key: str) -> None:
-        """The next push for entry ``key`` is the one our own store caused."""
-        if len(self.expected) >= 4 * self.max_entries:
-            self.reset()  # pushes that never came: trust nothing
-        self.expected[key] = self.expected.get(key, 0) + 1
 
     def learn(self, key: str, entry: Entry, names: tuple[bytes, ...]) -> None:
         size = len(entry.payload) + _OVERHEAD * (1 + len(names))
@@ -234,49 +216,34 @@ class NearCache:
                     return entry
         seq, epoch = tables.seq, channel.epoch
         remote: Entry | None = self._inner.get(key)
-        if remote is not None and remote is not UNREADABLE:
-            self._remember(seq, epoch, key, remote, stored=False)
-        return remote
-
-    def _remember(self, seq: int, epoch: int, key: str, entry: Entry, *, stored: bool) -> None:
-        """Keep ``entry``, read or stored by a round trip that began at ``seq`` on the
-        connection of ``epoch``, unless a push since then may have changed it (module
-        docstring). ``stored``: our own store, whose push is still due (see :meth:`set`)."""
-        tables, channel = self._tables, self.channel
-        names = self._names(entry.tags)
+        if remote is None or remote is UNREADABLE:
+            return remote
+        # Kept only if no push since just before the round trip may have changed it,
+        # on the connection that was tracking then (module docstring).
+        names = self._names(remote.tags)
         with channel.lock:
             if (
-                not channel.up
-                or channel.epoch != epoch
-                or tables.changed_since(seq, (tables.entry_prefix + key.encode(),))
+                channel.up
+                and channel.epoch == epoch
+                and not tables.changed_since(seq, (*names, tables.entry_prefix + key.encode()))
             ):
-                return
-            if stored:
-                tables.expect(key)
-            if not tables.changed_since(seq, names):
-                tables.learn(key, entry, names)
+                tables.learn(key, remote, names)
+        return remote
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         snap: Snapshot | None = self._inner.snapshot(tags)
         return snap
 
     def set(self, key: str, payload: bytes, ttl: float | None, snapshot: Snapshot) -> bool:
-        """Store, and remember what was stored: the compare-and-set found every
-        generation equal to the snapshot's, so the entry was current when it landed.
+        """Store, and remember nothing: the store's own push drops any copy, and the
+        next read refills from Redis.
 
-        The store's own push (its entry key changed) must not drop the copy, and a
-        later push for the key by anyone else must: the next push for the key is
-        marked as ours (:meth:`NearTables.expect`), unless it already came, in which
-        case nothing is remembered. A push by someone else that overtakes ours can
-        only be for a change that Redis executed before our store, which our entry
-        already replaced, and our own push then drops the copy: safe either way.
+        A push does not say who changed the key, nor how often: Redis sends the keys
+        that changed in one turn of its event loop as one push, so the push of our
+        store and that of another process's delete right after it can be one. Counting
+        pushes to tell our own from theirs kept a deleted entry in memory for good.
         """
-        tables, channel = self._tables, self.channel
-        seq, epoch = tables.seq, channel.epoch
         stored: bool = self._inner.set(key, payload, ttl, snapshot)
-        if stored and channel.up:
-            gens = tuple(str(g).encode() for g in snapshot.gens)
-            self._remember(seq, epoch, key, Entry(payload, snapshot.tags, gens), stored=True)
         return stored
 
     def lock(self, key: str, token: str, ttl: float) -> bool:

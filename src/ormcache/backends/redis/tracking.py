@@ -247,6 +247,8 @@ class TrackingChannel(Background):
         )
         #: Fences run after a drain that filled its buffer (observable in tests).
         self.fences = 0
+        #: Replies received so far (a fence waits for its own by count).
+        self._answered = 0
         self._init_background(own_life=not self._member)
 
     # -- the hot path ------------------------------------------------------------------
@@ -336,6 +338,7 @@ class TrackingChannel(Background):
                 self._down(f"a reply nobody asked for: {msg!r:.60}")
                 return False
             asked, _, check = self._pending.popleft()
+            self._answered += 1
             if isinstance(msg, Exception):
                 self._down(f"{asked.decode()} failed: {msg}")
                 return False
@@ -366,9 +369,11 @@ class TrackingChannel(Background):
         every push Redis queued before it has then been applied."""
         if not self._send(probe or (_PING, lambda _r: None)):
             return
-        wanted = len(self._pending)
+        # Done when this PING's own reply is in: replies come in the order asked, and
+        # a health ping may still be waiting for its own ahead of it.
+        wanted = self._answered + len(self._pending)
         deadline = time.monotonic() + self.interval / 2
-        while self._up and len(self._pending) >= wanted:
+        while self._up and self._answered < wanted:
             left = deadline - time.monotonic()
             if left <= 0 or not self._poll.wait(left):
                 self._down("no reply to a fence PING in time")

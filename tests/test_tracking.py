@@ -1,0 +1,133 @@
+"""The push channel's bookkeeping, against a scripted server on a socketpair: the
+interleavings of replies and pushes that a real Redis produces only under load, made
+exactly (``tests/test_near_cache.py`` runs the channel against real servers)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from ormcache.backends.redis.tracking import TrackingChannel
+
+
+class Recorder:
+    """The channel's listener: every key pushed, in order."""
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+
+    def invalidated(self, names: Sequence[bytes] | None) -> None:
+        self.names.extend(names or [b"*"])
+
+    def reset(self) -> None:
+        pass
+
+
+class Conn:
+    """What ``connect`` hands the channel: a connected socket (redis-py's shape)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        self._sock.close()
+
+
+def push(name: bytes) -> bytes:
+    """A RESP3 invalidation push for one key."""
+    return b">2\r\n$10\r\ninvalidate\r\n*1\r\n$%d\r\n%s\r\n" % (len(name), name)
+
+
+def read_command(sock: socket.socket) -> bytes:
+    """One whole RESP command from the channel (they are short)."""
+    sock.settimeout(5)
+    data = sock.recv(4096)
+    assert data.startswith(b"*"), data
+    return data
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[TrackingChannel, Recorder, socket.socket]]:
+    """A channel set up over a socketpair, and the server's end of it."""
+    ours, server = socket.socketpair()
+    listener = Recorder()
+    channel = TrackingChannel(lambda: Conn(ours), ["ns:"], listener, where="scripted")
+
+    def accept() -> None:
+        assert b"TRACKING" in read_command(server)
+        server.sendall(b"+OK\r\n")
+
+    helper = threading.Thread(target=accept)
+    helper.start()
+    channel._setup()
+    helper.join()
+    assert channel.current()
+    yield channel, listener, server
+    channel.close()
+    server.close()
+
+
+def test_a_fence_waits_for_its_own_reply_not_a_health_pings(
+    scripted: tuple[TrackingChannel, Recorder, socket.socket],
+) -> None:
+    """A drain that fills its buffer fences: every push queued before the fence's PING
+    must be applied before memory serves. With a health ping still unanswered (its reply
+    is behind the same backlog), the fence used to stop at the health ping's reply, and
+    the hit served with the push that mattered still unread (found by review)."""
+    channel, listener, server = scripted
+    with channel.lock:
+        channel._check()  # sends the health ping, which stays unanswered for now
+    assert b"PING" in read_command(server)
+    # More pushes than one drain reads: the drain fences.
+    server.sendall(b"".join(push(b"ns:noise-%06d" % i) for i in range(3000)))
+
+    def answer() -> None:
+        assert b"PING" in read_command(server)  # the fence
+        server.sendall(b"+PONG\r\n")  # the health ping's reply
+        time.sleep(0.05)
+        # Queued by Redis before the fence's PING, so written before its reply.
+        server.sendall(push(b"ns:target") + b"+PONG\r\n")
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    assert channel.current(), channel.reason
+    served_with = list(listener.names)
+    helper.join()
+    assert channel.fences == 1
+    assert b"ns:target" in served_with, "memory would serve before the push was applied"
+
+
+def test_a_reply_nobody_asked_for_takes_the_channel_down(
+    scripted: tuple[TrackingChannel, Recorder, socket.socket],
+) -> None:
+    """The channel matches replies to what it asked, in order; one it cannot match
+    means it no longer knows where it is in the stream: nothing is served from memory."""
+    channel, _, server = scripted
+    server.sendall(b"+PONG\r\n")
+    time.sleep(0.05)
+    assert not channel.current()
+    assert "nobody asked for" in channel.reason
+
+
+def test_pushes_split_across_reads_are_applied_whole(
+    scripted: tuple[TrackingChannel, Recorder, socket.socket],
+) -> None:
+    """A push cut in two by the network is applied once its second half arrives, and
+    not before."""
+    channel, listener, server = scripted
+    message = push(b"ns:split")
+    server.sendall(message[:9])
+    time.sleep(0.02)
+    assert channel.current()
+    assert listener.names == []
+    server.sendall(message[9:])
+    time.sleep(0.02)
+    assert channel.current()
+    assert listener.names == [b"ns:split"]
