@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,50 +180,47 @@ def test_an_unknown_table_is_refused_and_nothing_is_bumped(
     assert name_of(keys[0]) == "changed-user0"
 
 
-def test_ping_fails_when_a_command_the_cache_needs_is_refused(tmp_path: Path) -> None:
+@pytest.fixture
+def acl_server(tmp_path: Path) -> Iterator[Any]:
+    """A private server on which tests add ACL users (never the shared one)."""
+    from tests.redis_procs import PrivateRedis
+
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+def acl_user(server: Any, name: str, denied: str) -> str:
+    """The URL of a new user on ``server`` who may run every command but ``denied``."""
+    client = server.client()
+    client.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", "+@all", f"-{denied}")
+    client.close()
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+def test_ping_fails_when_a_command_the_cache_needs_is_refused(acl_server: Any) -> None:
     """Issue 12: an ACL user without ``TIME`` silently disabled caching (every snapshot
     and store failed), while ``ormcache ping`` said ok. ping now runs each protocol step
     once and names the one that fails."""
-    from tests.redis_procs import PrivateRedis
-
-    server = PrivateRedis(str(tmp_path / "redis"))
-    server.start()
-    try:
-        client = server.client()
-        client.execute_command("ACL", "SETUSER", "notime", "on", ">pw", "~*", "+@all", "-time")
-        client.close()
-        url = f"redis://notime:pw@127.0.0.1:{server.port}/0"
-        result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
-        assert result.exit_code != 0, result.output
-        assert "snapshot step" in result.output
-        assert "pw@" not in result.output
-        ok = run("--url", server.url, "--namespace", "acl", "ping", "-n", "1")
-        assert ok.exit_code == 0, ok.output
-        assert "near cache push channel ok" in ok.output
-    finally:
-        server.kill()
+    url = acl_user(acl_server, "notime", "time")
+    result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
+    assert result.exit_code != 0, result.output
+    assert "snapshot step" in result.output
+    assert "pw@" not in result.output
+    ok = run("--url", acl_server.url, "--namespace", "acl", "ping", "-n", "1")
+    assert ok.exit_code == 0, ok.output
+    assert "near cache push channel ok" in ok.output
 
 
-def test_ping_fails_when_the_near_cache_cannot_track(tmp_path: Path) -> None:
+def test_ping_fails_when_the_near_cache_cannot_track(acl_server: Any) -> None:
     """An ACL user without ``CLIENT TRACKING`` would run with the near cache (the default
     on redis://) silently off: ``ping`` says so and what to do."""
-    from tests.redis_procs import PrivateRedis
-
-    server = PrivateRedis(str(tmp_path / "redis"))
-    server.start()
-    try:
-        client = server.client()
-        client.execute_command(
-            "ACL", "SETUSER", "notrack", "on", ">pw", "~*", "+@all", "-client|tracking"
-        )
-        client.close()
-        url = f"redis://notrack:pw@127.0.0.1:{server.port}/0"
-        result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
-        assert result.exit_code != 0, result.output
-        assert "CLIENT TRACKING" in result.output
-        assert "ORMCACHE_NEAR_CACHE=false" in result.output
-    finally:
-        server.kill()
+    url = acl_user(acl_server, "notrack", "client|tracking")
+    result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
+    assert result.exit_code != 0, result.output
+    assert "CLIENT TRACKING" in result.output
+    assert "ORMCACHE_NEAR_CACHE=false" in result.output
 
 
 def test_ping_checks_the_near_cache_where_asked(cluster: Any, redis_url: str) -> None:
@@ -239,3 +237,17 @@ def test_ping_checks_the_near_cache_where_asked(cluster: Any, redis_url: str) ->
     skipped = run("--url", redis_url, "--namespace", namespace, "ping", "--no-near-cache")
     assert skipped.exit_code == 0, skipped.output
     assert "near cache" not in skipped.output
+
+
+def test_ping_warns_when_restarts_from_a_snapshot_cannot_be_noticed(acl_server: Any) -> None:
+    """The cache notices a Redis restarted from an RDB or AOF snapshot by its run id,
+    which it reads with ``INFO``; an ACL user without it (``-@dangerous`` is a common
+    rule) still caches, without that check, and ``ping`` says so and what to do."""
+    url = acl_user(acl_server, "noinfo", "info")
+    result = run("--url", url, "--namespace", "acl", "ping", "-n", "1")
+    assert result.exit_code == 0, result.output
+    assert "refuses INFO" in result.output
+    assert "+info" in result.output
+    ok = run("--url", acl_server.url, "--namespace", "acl", "ping", "-n", "1")
+    assert ok.exit_code == 0, ok.output
+    assert "INFO" not in ok.output

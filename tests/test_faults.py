@@ -624,3 +624,49 @@ def test_a_commit_whose_lease_was_refused_still_invalidates_once_redis_is_back(
     reader_cache.close()
     writer_engine.dispose()
     reader_engine.dispose()
+
+
+@pytest.mark.parametrize("near_cache", [False, True], ids=["redis", "near"])
+def test_a_redis_restored_from_an_older_snapshot_never_serves_what_was_invalidated_since(
+    tmp_path: Any, sqlite_engine: Any, near_cache: bool
+) -> None:
+    """Redis with persistence restarts from an RDB written before a commit (a crash
+    between two saves; an AOF with ``appendfsync everysec`` loses its last second the
+    same way): the generations come back as they were, so entries that the commit's
+    bumps invalidated matched them again, and every process served the old row (found
+    by review). The first connection after the restart sees a new run id and bumps the
+    namespace before anything is read on it."""
+    server = PrivateRedis(str(tmp_path / "redis"))
+    server.start()
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    options: dict[str, Any] = {"namespace": "restored", "near_cache": near_cache}
+    cache = Cache(server.url, **options)
+    cache.attach(Session)
+    name_of = lookup_fn(cache, Session)
+    try:
+        assert name_of(keys[0]) == "user0"
+        assert name_of(keys[0]) == "user0"
+        assert cache.stats().hits == 1
+        admin = server.client()
+        admin.save()  # the snapshot the restart will load
+        admin.close()
+        with Session() as s:
+            s.scalars(select(User).where(User.id == 1)).one().name = "renamed"
+            s.commit()
+        assert name_of(keys[0]) == "renamed"
+        server.kill()
+        server.start()  # the same port and directory: it loads the snapshot
+        admin = server.client()
+        assert admin.dbsize() > 0, "the snapshot was not loaded: the test is void"
+        admin.close()
+        for _ in range(3):
+            assert name_of(keys[0]) == "renamed", "the restored entry was served"
+        later = Cache(server.url, **options)  # a process started after the restart
+        assert lookup_fn(later, Session)(keys[0]) == "renamed"
+        later.close()
+        assert name_of(keys[0]) == "renamed"
+        assert cache.stats().hits > 1, "caching did not resume"
+    finally:
+        cache.close()
+        server.kill()

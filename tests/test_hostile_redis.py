@@ -300,8 +300,9 @@ def test_poisoned_namespace_never_fails_a_call(
         client = standalone.client()
         names = set(client.scan_iter(match=f"{namespace}:*"))
         for name in list(names):
-            ns, part, rest = name.decode().split(":", 2)
-            names.add({"e": f"{ns}:k:{rest}", "g": f"{ns}:l:{rest}"}.get(part, name))
+            ns, part, *rest = name.decode().split(":", 2)  # {ns}:boot has no third part
+            if rest:
+                names.add({"e": f"{ns}:k:{rest[0]}", "g": f"{ns}:l:{rest[0]}"}.get(part, name))
         for name in names:
             plant(client, name, kind)
         for _ in range(3):

@@ -205,6 +205,15 @@ def _build() -> Any:
         backend = _backend(ctx)
         try:
             _exercise(backend)
+            notices = getattr(backend, "notices_restarts", None)
+            if notices is not None and not notices():
+                click.echo(
+                    "warning: the server refuses INFO to this user, so the cache cannot "
+                    "tell that Redis restarted from an RDB or AOF snapshot, and entries "
+                    "invalidated after that snapshot could be served again; grant the "
+                    "user +info, or run Redis without persistence",
+                    err=True,
+                )
             wanted = near_cache_for(ctx.obj["url"], near_cache)
             near = _check_near(backend) if wanted else None
             times = []

@@ -17,6 +17,7 @@ protocol steps whose atomicity depends on the topology.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .errors import run_redis
 
 __all__ = [
     "ACQUIRE",
+    "BOOT",
     "BUMP",
     "GENERATION_TTL",
     "RELEASE",
@@ -41,6 +43,7 @@ __all__ = [
     "Endpoint",
     "KnownTags",
     "RedisCore",
+    "check_boot_on_connect",
     "check_tag",
     "frame_entry",
     "fresh_generation",
@@ -78,6 +81,7 @@ SNAPSHOT = lua("gen", "leased", "snapshot")
 BUMP = lua("gen", "bump_fn", "bump")
 ACQUIRE = lua("gen", "bump_fn", "acquire")
 RELEASE = lua("gen", "bump_fn", "release")
+BOOT = lua("gen", "bump_fn", "boot")
 LOCK = lua("lock")
 UNLOCK = lua("unlock")
 
@@ -191,6 +195,37 @@ def no_retry(*, aio: bool) -> Any:
     from redis.retry import Retry
 
     return Retry(NoBackoff(), 0)
+
+
+def check_boot_on_connect(client: Any, boot_key: str, namespace_gen: str, gen_ttl_ms: str) -> None:
+    """Run ``boot.lua`` on every connection ``client`` makes, after its handshake and
+    before its first command.
+
+    Generations only ever move forward while Redis runs, but a server restarted from an
+    RDB snapshot or an AOF that missed its last second comes back with the generations
+    of that moment: entries that later bumps invalidated match them again. No one
+    process sees every restart, but every process reconnects after one, so the check
+    sits where each connection is made: the first after a restart bumps the namespace,
+    before anything is read on it. (Redis Cluster: not covered; see the README.)
+    """
+    pool = client.connection_pool
+    keys = (boot_key, namespace_gen)
+    if inspect.iscoroutinefunction(pool.connection_class.on_connect):
+
+        async def check_async(conn: Any) -> None:
+            await conn.on_connect()
+            await conn.send_command("EVAL", BOOT, 2, *keys, fresh_generation(), gen_ttl_ms)
+            await conn.read_response()
+
+        pool.connection_kwargs["redis_connect_func"] = check_async
+        return
+
+    def check(conn: Any) -> None:
+        conn.on_connect()
+        conn.send_command("EVAL", BOOT, 2, *keys, fresh_generation(), gen_ttl_ms)
+        conn.read_response()
+
+    pool.connection_kwargs["redis_connect_func"] = check
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ from ormcache.errors import ConfigurationError
 
 from .core import (
     ACQUIRE,
+    BOOT,
     BUMP,
     GENERATION_TTL,
     RELEASE,
     SNAPSHOT,
     Endpoint,
     RedisCore,
+    check_boot_on_connect,
     check_tag,
     frame_entry,
     fresh_generation,
@@ -72,6 +74,9 @@ class RedisBackend(RedisCore):
         super().__init__(client, namespace, generation_ttl=generation_ttl, where=where)
         self._g = f"{namespace}:g:"
         self._l = f"{namespace}:l:"
+        # "*": the namespace tag (ormcache.protocol.NAMESPACE_TAG), which every entry records.
+        self._boot_keys = (f"{namespace}:boot", self._g + "*")
+        check_boot_on_connect(client, *self._boot_keys, self._gen_ttl_ms)
         self._get = client.register_script(GET)
         self._snapshot = client.register_script(SNAPSHOT)
         self._set = client.register_script(SET)
@@ -143,6 +148,13 @@ class RedisBackend(RedisCore):
 
     def _clear_patterns(self) -> Sequence[str]:
         return (f"{self._e}*", f"{self._g}*")
+
+    def notices_restarts(self) -> bool:
+        """Whether the restart check (``boot.lua``, run on every new connection) can
+        work here: False if the server refuses it ``INFO`` (an ACL user without it)."""
+        args = [*self._boot_keys, fresh_generation(), self._gen_ttl_ms]
+        answer: int = self._run("boot", lambda: self.client.eval(BOOT, 2, *args))
+        return answer != -1
 
     # -- near cache -------------------------------------------------------------------
     def gen_name(self, tag: str) -> str:
