@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
 from ormcache import Cache
@@ -670,3 +670,55 @@ def test_a_redis_restored_from_an_older_snapshot_never_serves_what_was_invalidat
     finally:
         cache.close()
         server.kill()
+
+
+def test_a_writer_that_stops_calling_still_pays_its_debt(
+    private_redis: PrivateRedis, sqlite_engine: Any
+) -> None:
+    """Redis hangs; a writer's calls time out until its breaker opens, so its next
+    commit owes the invalidation without trying (a commit must not wait on a hung
+    Redis). Redis answers again, and the writer never calls the cache again (a worker
+    between jobs): before, the debt waited for that next call, and another process
+    served the old row until the entry expired; the guard now pays it by itself."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    options: dict[str, Any] = {
+        "namespace": f"payer-{uuid.uuid4().hex[:8]}",
+        "socket_timeout": TIMEOUT,
+        "connect_timeout": TIMEOUT,
+        "breaker_threshold": 2,
+        "breaker_cooldown": 0.5,
+        "near_cache": False,
+    }
+    writer = Cache(private_redis.url, **options)
+    writer.attach(Session)
+    write_name_of = lookup_fn(writer, Session)
+    reader_engine = create_engine(sqlite_engine.url)
+    Reader = sessionmaker(reader_engine, expire_on_commit=False)
+    reader = Cache(private_redis.url, **options)
+    reader.attach(Reader)
+    name_of = lookup_fn(reader, Reader)
+    assert name_of(keys[0]) == "user0"
+    assert name_of(keys[0]) == "user0"
+    assert reader.stats().hits == 1
+    assert private_redis.proc is not None
+    os.kill(private_redis.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            write_name_of(keys[1])  # times out: the breaker opens after a slow failure
+        with Session() as s:
+            s.scalars(select(User).where(User.id == 1)).one().name = "renamed"
+            started = time.monotonic()
+            s.commit()
+            assert time.monotonic() - started < TIMEOUT, "the commit waited on a hung Redis"
+        assert writer._core.guard.owed_tags(), "the invalidation was not owed: the test is void"
+    finally:
+        os.kill(private_redis.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while writer._core.guard.owed_tags() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer._core.guard.owed_tags() == [], "the debt was not paid without a call"
+    assert name_of(keys[0]) == "renamed"
+    writer.close()
+    reader.close()
+    reader_engine.dispose()

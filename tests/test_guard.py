@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -497,3 +498,29 @@ def test_a_process_that_only_writes_pays_its_debt_with_its_next_invalidation(
     assert rig.backend.calls[0][0] == op
     assert rig.backend.calls[1] == ("bump", (("t:users",),))
     assert rig.guard.raw.owed_tags() == []
+
+
+def test_debts_are_paid_in_the_background_when_nobody_calls() -> None:
+    """A process that stops calling the cache after a failed bump (a worker between
+    jobs, a script at its end) would otherwise never pay it, and other processes would
+    serve what it should have invalidated: a thread of the guard's own pays once the
+    backend answers, and stops when nothing is owed."""
+    backend = FlakyBackend()
+    breaker = CircuitBreaker(threshold=10_000, cooldown=COOLDOWN)
+    guard = Guard(backend, Stats(), breaker, pay_every=0.02)
+    backend.failing.add("bump")
+    assert guard.bump(["t:users"]) is False
+    assert guard.owed_tags() == ["t:users"]
+    time.sleep(0.1)  # still failing: still owed
+    assert guard.owed_tags() == ["t:users"]
+    backend.failing.clear()
+    deadline = time.monotonic() + 5
+    while guard.owed_tags() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert guard.owed_tags() == []
+    assert backend.ops().count("bump") >= 2  # the failed one, then the payment
+    payer = guard._payer
+    deadline = time.monotonic() + 5
+    while payer is not None and payer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert payer is None or not payer.is_alive(), "the payer goes on with nothing owed"

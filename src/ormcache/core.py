@@ -227,7 +227,7 @@ class Core:
         breaker = CircuitBreaker(
             threshold=settings.breaker_threshold, cooldown=settings.breaker_cooldown
         )
-        return Guard(backend, self.stats, breaker)
+        return Guard(backend, self.stats, breaker, pay_every=PAY_EVERY)
 
     def configure(self, settings: Settings) -> None:
         """Rebuild codec, backend and guard for new settings, keeping owed bumps."""
@@ -248,11 +248,16 @@ class Core:
             guard.owe(owed)
         if backend is old_backend:
             guard.owe_deletes(old_guard.owed_deletes())
+        old_guard.retire()  # its debts are the new guard's now
         self.codec, self.backend, self.guard = codec, backend, guard
         self.signer = self._signer(settings)
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()
+
+
+#: Seconds between a guard's attempts to pay its debts while nobody calls the cache.
+PAY_EVERY = 1.0
 
 
 def near_cache_for(url: str, near_cache: bool | int | None) -> bool | int:

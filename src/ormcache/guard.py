@@ -8,9 +8,12 @@ lost bump should have invalidated must never be served.
 
 from __future__ import annotations
 
+import atexit
+import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from .aio import in_bridge
@@ -55,7 +58,14 @@ class Guard:
     delivered now, so a caller such as a migration script can fail loudly.
     """
 
-    def __init__(self, backend: Backend, stats: Stats, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        stats: Stats,
+        breaker: CircuitBreaker,
+        *,
+        pay_every: float | None = None,
+    ) -> None:
         self.backend = backend
         # A backend with a redis.asyncio twin per event loop (see ormcache.aio): used
         # from inside SQLAlchemy's greenlet bridge, so an event loop never blocks on it.
@@ -80,6 +90,12 @@ class Guard:
         # deleted before the next hit.
         self._owed_deletes: set[str] = set()
         self._owed_lock = threading.Lock()
+        # Debts are paid by the next call, or by a thread of their own every
+        # ``pay_every`` seconds while any are owed (see _wake_payer).
+        self._pay_every = pay_every
+        self._payer: threading.Thread | None = None
+        if pay_every is not None:
+            _paying.add(self)
 
     # -- plumbing ---------------------------------------------------------------------
     def _b(self) -> Backend:
@@ -254,6 +270,55 @@ class Guard:
             self._owed.update(tags)
             if len(self._owed) > MAX_TAGS:
                 self._owed = set(collapse_tags(self._owed))
+        self._wake_payer()
+
+    def _owes(self) -> bool:
+        return bool(self._owed or self._owed_deletes or self._owed_releases)
+
+    def _wake_payer(self) -> None:
+        """Make sure a thread pays what is owed once the backend answers again.
+
+        Until a debt is paid, other processes may serve what it should have
+        invalidated, and a process that stops calling the cache (a worker between jobs,
+        a script at its end) would otherwise never pay it.
+        """
+        if self._pay_every is None:
+            return
+        with self._owed_lock:
+            payer = self._payer
+            if payer is not None and payer.is_alive():  # not alive: gone, or a fork's copy
+                return
+            self._payer = threading.Thread(
+                target=self._pay_in_background, name="ormcache-debts", daemon=True
+            )
+            self._payer.start()
+
+    def _pay_in_background(self) -> None:
+        every = self._pay_every or 1.0
+        while True:
+            time.sleep(every)
+            with self._owed_lock:
+                if not self._owes():
+                    self._payer = None
+                    return
+            if self.breaker.allow():
+                # A call of its own: a failure here must not skip anyone else's backend.
+                contextvars.Context().run(self._settle)
+
+    def retire(self) -> None:
+        """Forget every debt and stop paying (the cache was reconfigured: a new guard
+        carries them)."""
+        with self._owed_lock:
+            self._owed.clear()
+            self._owed_deletes.clear()
+            self._owed_releases.clear()
+        _paying.discard(self)
+
+    def pay_now(self) -> bool:
+        """Try to pay every debt now (at exit); True if nothing is owed any more."""
+        if not self._owes():
+            return True
+        return contextvars.Context().run(self._settle)
 
     def _skip_write(self) -> bool:
         """Whether a commit's lease, release or bump is owed without trying: the breaker
@@ -273,8 +338,9 @@ class Guard:
             if len(self._owed_deletes) + len(keys) > _OWED_LIMIT:
                 # Too many single entries: bumping the namespace invalidates them all.
                 self._owed.add(NAMESPACE_TAG)
-                return
-            self._owed_deletes.update(keys)
+            else:
+                self._owed_deletes.update(keys)
+        self._wake_payer()
 
     def bump(self, tags: Sequence[str]) -> bool:
         """True if delivered now; else owed (this process serves no hits until it is)."""
@@ -386,3 +452,13 @@ class Guard:
             self.owe([NAMESPACE_TAG])
             return False
         return True
+
+
+# Guards that pay their debts by themselves: they try once more as the process exits.
+_paying: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+@atexit.register
+def _pay_at_exit() -> None:
+    for guard in list(_paying):
+        guard.pay_now()
