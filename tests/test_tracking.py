@@ -53,10 +53,8 @@ def read_command(sock: socket.socket) -> bytes:
     return data
 
 
-@pytest.fixture
-def scripted() -> Iterator[tuple[TrackingChannel, Recorder, socket.socket]]:
-    """A channel set up over a socketpair, and the server's end of it."""
-    ours, server = socket.socketpair()
+def set_up(ours: socket.socket, server: socket.socket) -> tuple[TrackingChannel, Recorder]:
+    """A channel set up over ``ours``, the server's end answering ``CLIENT TRACKING``."""
     listener = Recorder()
     channel = TrackingChannel(lambda: Conn(ours), ["ns:"], listener, where="scripted")
 
@@ -69,6 +67,14 @@ def scripted() -> Iterator[tuple[TrackingChannel, Recorder, socket.socket]]:
     channel._setup()
     helper.join()
     assert channel.current()
+    return channel, listener
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[TrackingChannel, Recorder, socket.socket]]:
+    """A channel set up over a socketpair, and the server's end of it."""
+    ours, server = socket.socketpair()
+    channel, listener = set_up(ours, server)
     yield channel, listener, server
     channel.close()
     server.close()
@@ -131,3 +137,32 @@ def test_pushes_split_across_reads_are_applied_whole(
     time.sleep(0.02)
     assert channel.current()
     assert listener.names == [b"ns:split"]
+
+
+def test_a_small_receive_buffer_fences_sooner() -> None:
+    """Whether a drain may have missed pushes Redis could not write depends on the
+    kernel's receive buffer, not on the drain's own 64 KiB: with a small one (set low,
+    or memory pressure) a drain of far less than 64 KiB may have filled it, and fences."""
+    ours, server = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    channel, listener = set_up(ours, server)
+    try:
+        size = ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        pushes = b"".join(push(b"ns:k-%06d" % i) for i in range(size // 40))
+        assert size // 2 <= len(pushes) < 65536
+
+        def answer() -> None:
+            assert b"PING" in read_command(server)
+            server.sendall(b"+PONG\r\n")
+
+        helper = threading.Thread(target=answer)
+        helper.start()
+        server.sendall(pushes)
+        deadline = time.monotonic() + 5
+        while len(listener.names) < size // 40 and time.monotonic() < deadline:
+            assert channel.current(), channel.reason
+        helper.join()
+        assert channel.fences >= 1
+    finally:
+        channel.close()
+        server.close()

@@ -1,5 +1,7 @@
-"""The near cache: Redis hits served from process memory, exactly as Redis would serve
-them.
+"""The near cache: Redis hits served from process memory, as Redis would serve them
+(but for expiry: a copy whose entry or generation key has expired is served until Redis
+actually removes the key and pushes that; the read path still checks the entry's own
+expiry, so only a generation's timing differs, and no write is missed by it).
 
 An entry is valid while every generation it recorded is current, so a process that
 knows the current generations can check an entry it already holds without asking

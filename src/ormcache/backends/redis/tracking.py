@@ -40,6 +40,7 @@ import functools
 import logging
 import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -103,6 +104,22 @@ class Readiness:
         """Release the epoll descriptor (in a forked child: only the child's copy)."""
         if self._epoll is not None:
             self._epoll.close()
+
+
+def _full_at(sock: Any) -> int:
+    """Bytes read in one drain past which the socket's receive buffer may have filled, so
+    that Redis may hold pushes it could not write yet (the drain then fences).
+
+    The drain's own buffer (64 KiB) or half the kernel's receive buffer, whichever is
+    smaller: the kernel counts its own overhead against ``SO_RCVBUF`` (it reports
+    twice what was asked), and a small one (set low, or under memory pressure) fills
+    long before 64 KiB arrive.
+    """
+    try:
+        size = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except (OSError, AttributeError):
+        return _BUFFER
+    return max(1, min(_BUFFER, size // 2))
 
 
 def _frame(command: Sequence[bytes]) -> bytes:
@@ -249,6 +266,8 @@ class TrackingChannel(Background):
         self.fences = 0
         #: Replies received so far (a fence waits for its own by count).
         self._answered = 0
+        #: Bytes in one drain past which the socket may have been full (see _full_at).
+        self._full = _BUFFER
         self._init_background(own_life=not self._member)
 
     # -- the hot path ------------------------------------------------------------------
@@ -273,8 +292,8 @@ class TrackingChannel(Background):
         total = self._read_all()
         if total < 0 or not self._apply():
             return
-        if total >= len(self._buf):
-            # As much as the socket holds at once, or more: Redis may hold further
+        if total >= self._full:
+            # As much as the socket may hold at once, or more: Redis may hold further
             # pushes it could not write yet.
             self.fences += 1
             self._fence()
@@ -437,6 +456,7 @@ class TrackingChannel(Background):
             self._conn, self._sock, self._reader, self._poll = conn, sock, reader, poller
             self._push = hiredis.PushNotification
             self._tls = isinstance(sock, ssl.SSLSocket)
+            self._full = _full_at(sock)
             self._pending.clear()
             self.epoch += 1
             # Nothing learned before this moment was covered by these pushes.
