@@ -275,3 +275,32 @@ def test_client_errors_become_backend_errors_that_say_what_to_do(
             backend.delete([object()])  # type: ignore[list-item]
     finally:
         backend.close()
+
+
+def test_the_restart_check_covers_a_client_passed_in(redis_url: str, namespace: str) -> None:
+    """Backends built on the application's own client: its connections made before,
+    a second namespace on the same client, and the application's own connect hook all
+    keep working, and every connection checks every namespace's boot key (the check
+    that notices a Redis restored from a snapshot; see test_faults.py)."""
+    import redis
+
+    seen: list[int] = []
+
+    def app_hook(conn: Any) -> None:
+        conn.on_connect()
+        seen.append(1)
+
+    client = redis.Redis.from_url(redis_url, redis_connect_func=app_hook)
+    client.ping()  # a connection made before any backend
+    names = [f"{namespace}-a", f"{namespace}-b"]
+    backends = [RedisBackend(client, ns) for ns in names]
+    try:
+        client.delete(*(f"{ns}:boot" for ns in names))
+        client.connection_pool.disconnect()  # as a restart would
+        client.ping()
+        assert all(client.get(f"{ns}:boot") for ns in names), "a namespace was not checked"
+        assert len(seen) >= 2, "the application's own hook was dropped"
+    finally:
+        client.delete(*(f"{ns}:boot" for ns in names), *(f"{ns}:g:*" for ns in names))
+        for backend in backends:
+            backend.close()

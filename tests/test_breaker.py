@@ -68,7 +68,7 @@ def test_half_open_breaker_lets_exactly_one_probe_through() -> None:
     clock.advance(60)
     assert breaker.allow()
     assert not any(breaker.allow() for _ in range(10))
-    clock.advance(60)
+    clock.advance(4.9)  # a probe's call ends within socket_timeout, far below this
     assert not breaker.allow(), "an unanswered probe is still the only probe"
 
 
@@ -153,3 +153,22 @@ def test_writes_skip_the_backend_only_while_open_after_a_failure_that_made_calle
     breaker.success()
     breaker.failure(slow=True)  # closed: one timeout does not open it
     assert not breaker.skips_writes()
+
+
+def test_a_probe_that_never_reports_back_expires_after_a_cool_down() -> None:
+    """The one caller let through a half-open breaker may never report (an asyncio task
+    cancelled mid-call, or a probe that found nothing to do): before, no one else was
+    ever let through again and the cache stayed bypassed for good."""
+    breaker, clock = make(threshold=1, cooldown=5.0)
+    trip(breaker)
+    clock.advance(5.0)
+    assert breaker.allow()  # the probe; it never reports
+    assert not breaker.allow()
+    clock.advance(4.9)
+    assert not breaker.allow()
+    clock.advance(0.2)
+    assert breaker.allow(), "the lost probe still blocks every caller"
+    breaker.end_probe()  # this one made no call: the next caller may probe at once
+    assert breaker.allow()
+    breaker.success()
+    assert not breaker.is_open

@@ -524,3 +524,21 @@ def test_debts_are_paid_in_the_background_when_nobody_calls() -> None:
     while payer is not None and payer.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert payer is None or not payer.is_alive(), "the payer goes on with nothing owed"
+
+
+def test_a_debt_of_only_a_release_is_paid(rig: Rig) -> None:
+    """A payment that ran between the bump and the release of a failed commit being
+    recorded (the background payer, another thread) left a release owed with no tags:
+    the guard took that for nothing owed, so the lease blocked stores on its tags until
+    it expired and the payer thread never stopped. The tags and the release are now
+    recorded together, and a release alone is still a debt."""
+    rig.guard.acquire_lease(["t:users"], "w", 60)
+    rig.backend.failing.add("release_lease")
+    rig.guard.release_lease(["t:users"], "w")
+    guard = rig.guard.raw
+    with guard._owed_lock:  # the state the payment in between left
+        guard._owed.clear()
+    rig.heal()
+    assert rig.guard.snapshot(["t:users"]) is not None, "the leftover lease blocks stores"
+    assert rig.backend.ops()[0] == "release_lease"
+    assert not guard._owes()

@@ -25,7 +25,7 @@ class CircuitBreaker:
         "_failures",
         "_lock",
         "_opened_at",
-        "_probing",
+        "_probe_at",
         "_slow_at",
         "cooldown",
         "threshold",
@@ -44,7 +44,9 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None
-        self._probing = False
+        # When the probe under way was granted (None: none is): a probe whose call never
+        # reported back (a task cancelled mid-call) expires after a cool-down of its own.
+        self._probe_at: float | None = None
         self._slow_at: float | None = None
 
     @property
@@ -58,11 +60,21 @@ class CircuitBreaker:
         with self._lock:
             if self._opened_at is None:
                 return True
-            if self._probing or self._clock() - self._opened_at < self.cooldown:
+            now = self._clock()
+            if now - self._opened_at < self.cooldown:
+                return False
+            if self._probe_at is not None and now - self._probe_at < self.cooldown:
                 return False
             # Exactly one caller probes a half-open breaker.
-            self._probing = True
+            self._probe_at = now
             return True
+
+    def end_probe(self) -> None:
+        """The probe that :meth:`allow` granted made no call after all: the next caller
+        past the cool-down may probe."""
+        if self._probe_at is not None:
+            with self._lock:
+                self._probe_at = None
 
     def success(self) -> None:
         """The backend answered: close the breaker and start counting failures afresh."""
@@ -70,7 +82,7 @@ class CircuitBreaker:
             with self._lock:
                 self._failures = 0
                 self._opened_at = None
-                self._probing = False
+                self._probe_at = None
 
     def skips_writes(self) -> bool:
         """Whether invalidations skip the backend too (and are owed): the breaker is open
@@ -93,7 +105,7 @@ class CircuitBreaker:
             if slow:
                 self._slow_at = self._clock()
             self._failures += 1
-            self._probing = False
+            self._probe_at = None
             if self._failures >= self.threshold:
                 self._opened_at = self._clock()
                 return True

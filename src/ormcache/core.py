@@ -154,6 +154,7 @@ class Core:
         only its own generations, and the others keep serving what it changed. Once
         sessions are attached that is a silent stale read, so it is said once.
         """
+        self.guard.forked()
         if self._warned_fork or not self.tracks_loads:
             return
         if not isinstance(self.backend, MemoryBackend):
@@ -245,11 +246,10 @@ class Core:
                 "carried over and sent to the new backend first",
                 len(owed),
             )
-            guard.owe(owed)
-        if backend is old_backend:
-            guard.owe_deletes(old_guard.owed_deletes())
-        old_guard.retire()  # its debts are the new guard's now
         self.codec, self.backend, self.guard = codec, backend, guard
+        # After the swap: a debt the old guard takes on from now is a call that was
+        # under way, and it pays that itself.
+        old_guard.hand_over(guard, same_backend=backend is old_backend)
         self.signer = self._signer(settings)
         self._apply(settings)
         if old_backend is not backend:

@@ -119,7 +119,7 @@ class Guard:
 
     def _settle(self) -> bool:
         """Pay owed releases, bumps and deletes; True if nothing is owed any more."""
-        if not self._owed and not self._owed_deletes:
+        if not self._owes():
             return True
         with self._owed_lock:
             owed = sorted(self._owed)
@@ -267,10 +267,13 @@ class Guard:
         """Remember bumps to deliver before this process serves another hit. The debt
         stays bounded (see ``collapse_tags``), so paying it is one bounded bump."""
         with self._owed_lock:
-            self._owed.update(tags)
-            if len(self._owed) > MAX_TAGS:
-                self._owed = set(collapse_tags(self._owed))
+            self._owe_locked(tags)
         self._wake_payer()
+
+    def _owe_locked(self, tags: Sequence[str]) -> None:
+        self._owed.update(tags)
+        if len(self._owed) > MAX_TAGS:
+            self._owed = set(collapse_tags(self._owed))
 
     def _owes(self) -> bool:
         return bool(self._owed or self._owed_deletes or self._owed_releases)
@@ -304,15 +307,31 @@ class Guard:
             if self.breaker.allow():
                 # A call of its own: a failure here must not skip anyone else's backend.
                 contextvars.Context().run(self._settle)
+                # Paid by someone else meanwhile: the probe this took was not used.
+                self.breaker.end_probe()
 
-    def retire(self) -> None:
-        """Forget every debt and stop paying (the cache was reconfigured: a new guard
-        carries them)."""
+    def hand_over(self, heir: Guard, *, same_backend: bool) -> None:
+        """Move what is owed to ``heir`` (the cache was reconfigured). Releases and
+        deletes go along only to the same backend; a debt this guard takes on later
+        (a call that was under way) it still pays itself."""
         with self._owed_lock:
-            self._owed.clear()
-            self._owed_deletes.clear()
-            self._owed_releases.clear()
-        _paying.discard(self)
+            owed, self._owed = self._owed, set()
+            deletes, self._owed_deletes = self._owed_deletes, set()
+            releases, self._owed_releases = self._owed_releases, {}
+        with heir._owed_lock:
+            heir._owe_locked(sorted(owed))
+            if same_backend:
+                heir._owed_deletes.update(deletes)
+                heir._owed_releases.update(releases)
+        heir._wake_payer()
+
+    def forked(self) -> None:
+        """In a forked child: the payer thread is gone, and another thread may have
+        held the lock when the process forked."""
+        self._owed_lock = threading.Lock()
+        self._payer = None
+        if self._owes():
+            self._wake_payer()
 
     def pay_now(self) -> bool:
         """Try to pay every debt now (at exit); True if nothing is owed any more."""
@@ -431,14 +450,16 @@ class Guard:
             self._unleased.add(token)
 
     def _owe_release(self, tags: Sequence[str], token: str, held: bool) -> None:
-        self.owe(tags)
-        if not held:
-            return
+        # The tags and the release together: a payment in between would bump the tags
+        # and leave the release behind it, blocking stores until the lease expires.
         with self._owed_lock:
-            if len(self._owed_releases) >= _OWED_LIMIT:
-                # The oldest lease has expired by itself long ago.
-                self._owed_releases.pop(next(iter(self._owed_releases)))
-            self._owed_releases[token] = tuple(tags)
+            self._owe_locked(tags)
+            if held:
+                if len(self._owed_releases) >= _OWED_LIMIT:
+                    # The oldest lease has expired by itself long ago.
+                    self._owed_releases.pop(next(iter(self._owed_releases)))
+                self._owed_releases[token] = tuple(tags)
+        self._wake_payer()
 
     def clear(self) -> bool:
         """True if the namespace was swept now; else a namespace bump is owed."""

@@ -207,25 +207,46 @@ def check_boot_on_connect(client: Any, boot_key: str, namespace_gen: str, gen_tt
     process sees every restart, but every process reconnects after one, so the check
     sits where each connection is made: the first after a restart bumps the namespace,
     before anything is read on it. (Redis Cluster: not covered; see the README.)
+
+    A client passed in may already have a connect hook (another namespace's check, the
+    application's own): it runs first. Its existing connections take the check too, and
+    the idle ones reconnect through it.
     """
     pool = client.connection_pool
     keys = (boot_key, namespace_gen)
+    previous = pool.connection_kwargs.get("redis_connect_func")
+    hook: Callable[[Any], Any]
     if inspect.iscoroutinefunction(pool.connection_class.on_connect):
 
         async def check_async(conn: Any) -> None:
-            await conn.on_connect()
+            if previous is None:
+                await conn.on_connect()
+            elif inspect.iscoroutinefunction(previous):
+                await previous(conn)
+            else:
+                previous(conn)
             await conn.send_command("EVAL", BOOT, 2, *keys, fresh_generation(), gen_ttl_ms)
             await conn.read_response()
 
-        pool.connection_kwargs["redis_connect_func"] = check_async
-        return
+        hook = check_async
+    else:
 
-    def check(conn: Any) -> None:
-        conn.on_connect()
-        conn.send_command("EVAL", BOOT, 2, *keys, fresh_generation(), gen_ttl_ms)
-        conn.read_response()
+        def check(conn: Any) -> None:
+            if previous is None:
+                conn.on_connect()
+            else:
+                previous(conn)
+            conn.send_command("EVAL", BOOT, 2, *keys, fresh_generation(), gen_ttl_ms)
+            conn.read_response()
 
-    pool.connection_kwargs["redis_connect_func"] = check
+        hook = check
+    pool.connection_kwargs["redis_connect_func"] = hook
+    idle = list(getattr(pool, "_available_connections", ()))
+    for conn in [*idle, *getattr(pool, "_in_use_connections", ())]:
+        conn.redis_connect_func = hook
+    if not inspect.iscoroutinefunction(getattr(pool.connection_class, "disconnect", None)):
+        for conn in idle:  # an asyncio client's are new: ormcache made it
+            conn.disconnect()
 
 
 @dataclass(frozen=True)
