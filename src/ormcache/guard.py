@@ -334,9 +334,12 @@ class Guard:
             self._wake_payer()
 
     def pay_now(self) -> bool:
-        """Try to pay every debt now (at exit); True if nothing is owed any more."""
+        """Try to pay every debt now (at exit); True if nothing is owed any more. Not
+        while the breaker is open: the backend is down, and exiting should not wait."""
         if not self._owes():
             return True
+        if not self.breaker.allow():
+            return False
         return contextvars.Context().run(self._settle)
 
     def _skip_write(self) -> bool:
