@@ -212,6 +212,28 @@ def test_foreign_lease_and_lock(layout: Layout, kind: str) -> None:
     assert not backend.lock("k", "me", 5.0)  # a real lock still excludes
 
 
+def test_leases_and_locks_that_outlive_any_of_ours_are_foreign(layout: Layout) -> None:
+    """A lease token that expires far later than any lease lasts (a never-expiring one
+    planted on the namespace tag refused every store, for good, with no error counted),
+    and a lock string that lives far longer than any lock is taken for (every miss on
+    its key waited lock_wait for it, for a day): neither is ours, and both go. Found by
+    review."""
+    backend = layout.backend
+    plant_lease = layout.client.zadd
+    plant_lease(layout.lease("*"), {"x": float("inf")})
+    plant_lease(layout.lease("t:a"), {"y": time.time() * 1000 + 3_600_000})
+    snap = backend.snapshot(["*", "t:a"])
+    assert snap is not None, "a foreign lease refuses every store"
+    assert backend.set("k", b"v", 60, snap)
+    backend.acquire_lease(["t:a"], "w", 5.0)
+    assert backend.snapshot(["t:a"]) is None  # a real lease still blocks stores
+    backend.release_lease(["t:a"], "w")
+    layout.client.set(layout.lock("k"), "garbage", ex=86_400)
+    assert backend.lock("k", "me", 5.0), "a foreign lock made every miss wait"
+    assert not backend.lock("k", "you", 5.0)  # a real lock still excludes
+    backend.unlock("k", "me")
+
+
 def fill(servers: list[Any]) -> None:
     """Fill every server: maxmemory just above what it uses, noeviction, then junk of
     our own until it refuses. Then maxmemory goes below what it uses, so that memory

@@ -36,6 +36,10 @@ logger = logging.getLogger("ormcache")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
+#: The longest lease_ttl (seconds); leased.lua drops lease tokens that would outlive it.
+MAX_LEASE_TTL = 600.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """The constructor's keyword arguments, validated when built (see ``Cache``)."""
@@ -74,8 +78,11 @@ class Settings:
             raise ConfigurationError(
                 f"generation_ttl must be positive seconds, got {self.generation_ttl!r}"
             )
-        if float(self.lease_ttl) <= 0:
-            raise ConfigurationError(f"lease_ttl must be positive seconds, got {self.lease_ttl!r}")
+        if not 0 < float(self.lease_ttl) <= MAX_LEASE_TTL:
+            raise ConfigurationError(
+                f"lease_ttl must be positive seconds, at most {MAX_LEASE_TTL:.0f} (a lease "
+                f"that would outlive it is taken for a foreign one), got {self.lease_ttl!r}"
+            )
         near = self.near_cache
         if (
             near is not None
