@@ -722,3 +722,61 @@ def test_a_writer_that_stops_calling_still_pays_its_debt(
     writer.close()
     reader.close()
     reader_engine.dispose()
+
+
+@pytest.mark.parametrize("near_cache", [False, True], ids=["redis", "near"])
+@pytest.mark.parametrize("refusal", ["min-replicas", "replica"])
+def test_a_redis_that_refuses_writes_never_serves_what_a_commit_changed(
+    private_redis: PrivateRedis, sqlite_engine: Any, refusal: str, near_cache: bool
+) -> None:
+    """Redis refuses writes but still answers reads: too few replicas for
+    ``min-replicas-to-write`` (NOREPLICAS), the server turned into a read-only replica
+    (READONLY), a failed background save (MISCONF). A commit's bump is refused, and even
+    the delete a full Redis allows is: before, every other process went on serving the
+    old row until it expired (found by review). Reads now write too (a no-op PEXPIRE),
+    so they fail while writes do, and go to the database; the near cache turns off
+    within one health interval."""
+    Session = sessionmaker(sqlite_engine, expire_on_commit=False)
+    keys = seed(Session, n=2)
+    options: dict[str, Any] = {
+        "namespace": f"refuse-{uuid.uuid4().hex[:8]}",
+        "socket_timeout": 1.0,
+        "near_cache": near_cache,
+    }
+    writer = Cache(private_redis.url, **options)
+    writer.attach(Session)
+    reader_engine = create_engine(sqlite_engine.url)
+    Reader = sessionmaker(reader_engine, expire_on_commit=False)
+    reader = Cache(private_redis.url, **options)
+    reader.attach(Reader)
+    name_of = lookup_fn(reader, Reader)
+    admin = private_redis.client()
+    try:
+        assert name_of(keys[0]) == "user0"
+        assert name_of(keys[0]) == "user0"
+        assert reader.stats().hits == 1
+        if refusal == "min-replicas":
+            admin.config_set("min-replicas-to-write", 1)
+        else:
+            from tests.support.net import free_port
+
+            admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        with Session() as s:
+            s.scalars(select(User).where(User.id == 1)).one().name = "renamed"
+            s.commit()
+        assert writer._core.guard.owed_tags(), "the bump went through: the test is void"
+        if near_cache:
+            channel = reader.backend.channel  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 3
+            while channel.up and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not channel.up, "the near cache still serves while writes are refused"
+        for _ in range(3):
+            assert name_of(keys[0]) == "renamed", "the old row was served"
+    finally:
+        admin.config_set("min-replicas-to-write", 0)
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+        admin.close()
+        writer.close()
+        reader.close()
+        reader_engine.dispose()

@@ -8,6 +8,7 @@ costs one round trip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -17,7 +18,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 from redis.connection import AbstractConnection
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ormcache.backends.base import UNREADABLE, Entry, Snapshot, redact_url
 from ormcache.errors import ConfigurationError
@@ -74,6 +75,9 @@ class RedisBackend(RedisCore):
         super().__init__(client, namespace, generation_ttl=generation_ttl, where=where)
         self._g = f"{namespace}:g:"
         self._l = f"{namespace}:l:"
+        # Never set: a read writes to it (PEXPIRE, a no-op) so that it fails while the
+        # server refuses writes, and invalidations with them (see get.lua).
+        self._w = f"{namespace}:w"
         # "*": the namespace tag (ormcache.protocol.NAMESPACE_TAG), which every entry records.
         self._boot_keys = (f"{namespace}:boot", self._g + "*")
         check_boot_on_connect(client, *self._boot_keys, self._gen_ttl_ms)
@@ -118,8 +122,10 @@ class RedisBackend(RedisCore):
         return Endpoint(where, connect)
 
     # -- plumbing ---------------------------------------------------------------------
-    def _read(self, *args: str | bytes) -> Any:
-        """One command on this thread's own connection, made like the pool's.
+    def _read(self, *args: str | bytes, probe: bool = True) -> Any:
+        """One command on this thread's own connection, made like the pool's, after the
+        write probe in the same round trip (``probe``; the get script probes itself):
+        nothing is read while the server refuses writes (see get.lua).
 
         Hits are the hot path, and on a pooled client about a third of a GET's time goes
         to checking a connection out and back in (a lock, a readiness poll, metrics). A
@@ -127,7 +133,12 @@ class RedisBackend(RedisCore):
         timeouts and drops the socket after any error, so the next call reconnects.
         """
         if not self._own_reads:
-            return self.client.execute_command(*args)
+            if not probe:
+                return self.client.execute_command(*args)
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("PEXPIRE", self._w, 1)
+                pipe.execute_command(*args)
+                return pipe.execute()[1]
         lane = self._lane
         conn = lane.conn
         pid = os.getpid()
@@ -137,7 +148,18 @@ class RedisBackend(RedisCore):
             conn = pool.connection_class(**pool.connection_kwargs)
             lane.conn, lane.pid = conn, pid
             self._lane_conns.add(conn)
-        conn.send_command(*args)
+        if not probe:
+            conn.send_command(*args)
+            return conn.read_response()
+        conn.send_packed_command(conn.pack_commands([("PEXPIRE", self._w, 1), args]))
+        try:
+            conn.read_response()
+        except ResponseError:
+            # Refused: writes are (see get.lua). Read the command's reply too, so the
+            # connection stays in step, then fail the read.
+            with contextlib.suppress(ResponseError):
+                conn.read_response()
+            raise
         return conn.read_response()
 
     def _gen_keys(self, tags: Sequence[str]) -> list[str]:
@@ -175,6 +197,7 @@ class RedisBackend(RedisCore):
             listener,
             where=self.where,
             check_role=self._tracks_master,
+            write_probe=self._w,
             **options,
         )
 
@@ -210,10 +233,12 @@ class RedisBackend(RedisCore):
 
     def _get_script(self, entry_key: str) -> Any:
         try:
-            return self._read("EVALSHA", self._get.sha, "1", entry_key, self._g)
+            return self._read(
+                "EVALSHA", self._get.sha, "2", entry_key, self._w, self._g, probe=False
+            )
         except NoScriptError:
             # A restarted or flushed server forgot the script: the pool's copy loads it.
-            return self._get(keys=[entry_key], args=[self._g])
+            return self._get(keys=[entry_key, self._w], args=[self._g])
 
     def snapshot(self, tags: Sequence[str]) -> Snapshot | None:
         ordered = tuple(sorted(set(tags)))

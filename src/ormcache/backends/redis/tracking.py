@@ -239,6 +239,7 @@ class TrackingChannel(Background):
         check_role: bool = False,
         probe: Probe | None = None,
         lock: threading.Lock | None = None,
+        write_probe: str | None = None,
     ) -> None:
         self._connect = connect
         self._prefixes = tuple(prefixes)
@@ -248,6 +249,12 @@ class TrackingChannel(Background):
         if probe is None:
             probe = ((b"ROLE",), _still_master) if check_role else (_PING, lambda _r: None)
         self._probe = probe
+        # A key never set, written (PEXPIRE, a no-op) at set-up and with every health
+        # probe: while the server refuses writes, no invalidation reaches it, so memory
+        # must not serve (a failed save: MISCONF; a read-only replica; NOREPLICAS).
+        self._write_probe: Probe | None = None
+        if write_probe is not None:
+            self._write_probe = ((b"PEXPIRE", write_probe.encode(), b"1"), lambda _r: None)
         self._member = lock is not None
         self.lock = lock if lock is not None else threading.Lock()
         self.epoch = 0
@@ -432,19 +439,28 @@ class TrackingChannel(Background):
         args = [b"CLIENT", b"TRACKING", b"ON", b"BCAST"]
         for prefix in self._prefixes:
             args += [b"PREFIX", prefix.encode()]
-        sock.sendall(_frame(args))
-        # Read the reply ourselves: pushes may follow it in the same segment, and
+        requests = [args]
+        if self._write_probe is not None:
+            # Before tracking is on, so that no push can come ahead of its reply.
+            requests.insert(0, list(self._write_probe[0]))
+        sock.sendall(b"".join(_frame(r) for r in requests))
+        # Read the replies ourselves: pushes may follow them in the same segment, and
         # redis-py's parser would keep them in its own buffer.
         sock.settimeout(max(self.interval, 0.5))
-        reply: Any = False
-        while reply is False:
+        replies: list[Any] = []
+        while len(replies) < len(requests):
+            reply: Any = reader.gets()
+            if reply is not False:
+                replies.append(reply)
+                continue
             n = sock.recv_into(self._buf)
             if n == 0:
                 raise ConnectionError("closed during CLIENT TRACKING")
             reader.feed(self._buf, 0, n)  # type: ignore[arg-type] # any buffer works
-            reply = reader.gets()
-        if reply != b"OK":
-            raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
+        if isinstance(replies[0], Exception) and len(replies) == 2:
+            raise ConnectionError(f"the server refuses writes ({replies[0]})")
+        if replies[-1] != b"OK":
+            raise ConnectionError(f"CLIENT TRACKING answered {replies[-1]!r}")
         sock.setblocking(False)
         poller = Readiness(sock)
         with self.lock:
@@ -501,7 +517,8 @@ class TrackingChannel(Background):
                     "(Redis hung or unreachable)"
                 )
             return
-        self._send(self._probe)
+        if self._send(self._probe) and self._write_probe is not None:
+            self._send(self._write_probe)
 
     def close(self) -> None:
         with self.lock:

@@ -1,6 +1,10 @@
--- KEYS: the entry. ARGV: the generation key prefix.
--- The entry if every generation it recorded is current; nil if missing or stale; 0 if
--- the key holds something that is not an entry (the caller deletes it as corrupt).
+-- KEYS: the entry, the write probe (a key that is never set). ARGV: the generation key
+-- prefix. The entry if every generation it recorded is current; nil if missing or
+-- stale; 0 if the key holds something that is not an entry (the caller deletes it as
+-- corrupt). Fails while the server refuses writes (a failed save: MISCONF; a read-only
+-- replica; too few replicas for min-replicas-to-write): a bump cannot be delivered then,
+-- so nothing may be served. (Full memory is not refused here: a bump then deletes.)
+redis.call('PEXPIRE', KEYS[2], 1)
 local v = redis.pcall('GET', KEYS[1])
 if not v then return false end
 if type(v) ~= 'string' then return 0 end
