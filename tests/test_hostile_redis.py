@@ -234,6 +234,25 @@ def test_leases_and_locks_that_outlive_any_of_ours_are_foreign(layout: Layout) -
     backend.unlock("k", "me")
 
 
+def test_no_read_while_the_servers_refuse_writes(layout: Layout) -> None:
+    """While Redis refuses writes (here: too few replicas for min-replicas-to-write) no
+    invalidation can reach it, so a read must fail too rather than serve an entry a
+    refused bump should have invalidated: on one server and on every Cluster node."""
+    backend = layout.backend
+    from ormcache.errors import BackendError
+
+    stored(backend, "k", ["t:a"])
+    for server in layout.servers:
+        server.config_set("min-replicas-to-write", 1)
+    try:
+        with pytest.raises(BackendError, match=r"NOREPLICAS|enough good replicas"):
+            backend.get("k")
+    finally:
+        for server in layout.servers:
+            server.config_set("min-replicas-to-write", 0)
+    assert backend.get("k") is not None
+
+
 def fill(servers: list[Any]) -> None:
     """Fill every server: maxmemory just above what it uses, noeviction, then junk of
     our own until it refuses. Then maxmemory goes below what it uses, so that memory

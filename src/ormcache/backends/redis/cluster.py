@@ -79,6 +79,16 @@ _NODE_SPECIFIC = frozenset(
 _WRONG = b"\x00wrong type"
 
 
+def _write_probe(name: str) -> str:
+    """A key never set, in the slot of ``name``: its hash tag, or the whole name."""
+    start = name.find("{")
+    if start >= 0:
+        end = name.find("}", start + 1)
+        if end > start + 1:
+            return name[: end + 1] + ":w"
+    return "{" + name + "}:w"
+
+
 class RedisClusterBackend(RedisCore):
     """The :class:`~ormcache.backends.base.Backend` protocol on a Redis Cluster."""
 
@@ -255,16 +265,25 @@ class RedisClusterBackend(RedisCore):
 
     def _values(self, names: Sequence[str]) -> list[Any]:
         """GET of each name in one batch. A key of another Redis type reads as
-        ``_WRONG`` instead of failing the batch, as a plain GET would."""
+        ``_WRONG`` instead of failing the batch, as a plain GET would.
+
+        Each GET follows a no-op write in its slot (PEXPIRE of a key never set): while a
+        node refuses writes (MISCONF, NOREPLICAS), no invalidation reaches it, so its
+        reads must fail too (see the standalone get.lua)."""
+
+        def queue(pipe: Any) -> list[Any]:
+            for name in names:
+                pipe.pexpire(_write_probe(name), 1)
+                pipe.get(name)
+            return []
 
         def run() -> list[Any]:
-            replies = self._pipelined(
-                lambda pipe: [pipe.get(name) for name in names], raise_on_error=False
-            )
+            replies = self._pipelined(queue, raise_on_error=False)
             for reply in replies:
                 if isinstance(reply, Exception) and not wrong_type(reply):
                     raise reply
-            return [_WRONG if isinstance(r, Exception) else r for r in replies]
+            values = replies[1::2]
+            return [_WRONG if isinstance(r, Exception) else r for r in values]
 
         return self._run("get", run)
 
