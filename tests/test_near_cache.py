@@ -879,3 +879,27 @@ def test_no_stale_reads_across_processes_with_the_near_cache_on_cluster(
             admin.close()
 
     near_race(postgres_url, cluster.url, mode, f"cluster/near/{chaos}", action, near_cache=True)
+
+
+def test_the_near_cache_turns_off_while_redis_refuses_writes(near_server: Server) -> None:
+    """No invalidation reaches a Redis that refuses writes (a failed save, a read-only
+    replica, too few replicas), so memory must stop serving: the push channel's health
+    probe writes a no-op, on one server and on every Cluster primary, and the channel
+    comes back once writes are accepted again."""
+    namespace = f"near-ro-{uuid.uuid4().hex[:8]}"
+    cache = Cache(near_server.url, namespace=namespace, **near_server.options)
+    near = near_of(cache)
+    admins = near_server.admins()
+    try:
+        assert wait_until(lambda: near.channel.current())
+        for admin in admins:
+            admin.config_set("min-replicas-to-write", 1)
+        assert wait_until(lambda: not near.channel.current(), timeout=3), "still serving"
+        time.sleep(1.0)
+        assert not near.channel.current(), "set up again while writes are refused"
+    finally:
+        for admin in admins:
+            admin.config_set("min-replicas-to-write", 0)
+            admin.close()
+    assert wait_until(lambda: near.channel.current(), timeout=5), "not back"
+    cache.close()

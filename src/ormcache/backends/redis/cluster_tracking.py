@@ -57,6 +57,34 @@ def primaries_of(shape: Shape) -> frozenset[str]:
     return frozenset(primaries)
 
 
+def write_probes(shape: Shape, prefix: str) -> dict[str, str]:
+    """For each primary (``host:port``), a key never set that lives in one of its slots:
+    the write its channel's health probe makes (see ``TrackingChannel``), so that a node
+    refusing writes turns the near cache off. A few tries each: a primary of n holds
+    about 1/n of the slots."""
+    from redis.crc import key_slot
+
+    probes = {}
+    for _id, address, flags, _master, slots in shape:
+        if "master" not in flags.split(","):
+            continue
+        ranges = []
+        for token in slots.split():
+            if token.startswith("["):
+                continue  # a slot being migrated
+            low, _, high = token.partition("-")
+            ranges.append((int(low), int(high or low)))
+        if not ranges:
+            continue
+        for i in range(1_000_000):
+            tag = f"{prefix}w{i}"
+            slot = key_slot(tag.encode())
+            if any(low <= slot <= high for low, high in ranges):
+                probes[address] = "{" + tag + "}:w"
+                break
+    return probes
+
+
 class ClusterChannel(Background):
     """The push channel of a Redis Cluster: one :class:`TrackingChannel` per primary,
     since a namespace's generations and entries spread over every node's slots.
@@ -101,6 +129,7 @@ class ClusterChannel(Background):
         self.epoch = 0
         self._up = False
         self._members: dict[str, TrackingChannel] = {}
+        self._write_probes: dict[str, str] = {}
         self._primaries: frozenset[str] = frozenset()
         self._shapes: dict[str, Shape] = {}
         self._by_fd: dict[int, TrackingChannel] = {}
@@ -160,6 +189,7 @@ class ClusterChannel(Background):
             interval=self.interval,
             probe=((b"CLUSTER", b"NODES"), check),
             lock=self.lock,
+            write_probe=self._write_probes.get(address),
         )
 
     def _same_topology(self, address: str, reply: Any) -> str | None:
@@ -181,7 +211,8 @@ class ClusterChannel(Background):
         return None
 
     def _topology(self) -> frozenset[str]:
-        """The primaries, asked of the first node that answers (lock not held)."""
+        """The primaries, asked of the first node that answers (lock not held); their
+        write probes are kept in ``_write_probes``."""
         failures = []
         for address in dict.fromkeys([*self._members, *self._discover()]):
             host, _, port = address.rpartition(":")
@@ -193,7 +224,10 @@ class ClusterChannel(Background):
                     reply = conn.read_response()
                 finally:
                     conn.disconnect()
-                return primaries_of(cluster_shape(reply))
+                shape = cluster_shape(reply)
+                primaries = primaries_of(shape)
+                self._write_probes = write_probes(shape, self._prefixes[0].lstrip("{"))
+                return primaries
             except Exception as exc:
                 failures.append(f"{address}: {exc}")
         raise ConnectionError("; ".join(failures) or "no node to ask")
@@ -229,6 +263,9 @@ class ClusterChannel(Background):
                 self._members.pop(address)._down("no longer a primary of the cluster")
             for address in primaries - set(self._members):
                 self._members[address] = self._member(address)
+            for address, member in self._members.items():
+                # Slots may have moved: each probe must stay in its node's slots.
+                member.set_write_probe(self._write_probes.get(address))
             self._primaries = primaries
             self._shapes.clear()
             members = list(self._members.values())

@@ -253,8 +253,7 @@ class TrackingChannel(Background):
         # probe: while the server refuses writes, no invalidation reaches it, so memory
         # must not serve (a failed save: MISCONF; a read-only replica; NOREPLICAS).
         self._write_probe: Probe | None = None
-        if write_probe is not None:
-            self._write_probe = ((b"PEXPIRE", write_probe.encode(), b"1"), lambda _r: None)
+        self.set_write_probe(write_probe)
         self._member = lock is not None
         self.lock = lock if lock is not None else threading.Lock()
         self.epoch = 0
@@ -276,6 +275,12 @@ class TrackingChannel(Background):
         #: Bytes in one drain past which the socket may have been full (see _full_at).
         self._full = _BUFFER
         self._init_background(own_life=not self._member)
+
+    def set_write_probe(self, key: str | None) -> None:
+        """The key the write probe writes (None: no write probe)."""
+        self._write_probe = None
+        if key is not None:
+            self._write_probe = ((b"PEXPIRE", key.encode(), b"1"), lambda _r: None)
 
     # -- the hot path ------------------------------------------------------------------
     def current(self) -> bool:
