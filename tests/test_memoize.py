@@ -302,7 +302,9 @@ def test_an_expired_entry_never_reaches_the_merge_session(cache: Cache, sqlite_e
     scoped = scoped_session(factory)
     cache.attach(scoped)
 
-    @cache.memoize(ttl=0.3, merge=True)
+    # Long enough that the recomputed entry is still fresh for the last call on a loaded
+    # machine (0.3 s was not, in CI), short enough to wait out once.
+    @cache.memoize(ttl=1.5, merge=True)
     def get_user(api_key: str) -> User | None:
         with factory() as s:
             return s.scalars(
@@ -329,7 +331,7 @@ def test_an_expired_entry_never_reaches_the_merge_session(cache: Cache, sqlite_e
     with outside.begin() as conn:
         conn.execute(update(User).where(User.id == user_id).values(name="renamed"))
     outside.dispose()
-    time.sleep(0.4)
+    time.sleep(1.6)
     user = get_user(key)
     # The expired entry was refused before anything was decoded into the session (in
     # CPython the old instance would usually die at once, but not if a cycle held it).
