@@ -542,3 +542,26 @@ def test_a_debt_of_only_a_release_is_paid(rig: Rig) -> None:
     assert rig.guard.snapshot(["t:users"]) is not None, "the leftover lease blocks stores"
     assert rig.backend.ops()[0] == "release_lease"
     assert not guard._owes()
+
+
+def test_a_debt_taken_on_while_a_payment_runs_is_not_lost(rig: Rig) -> None:
+    """The background payer pays while the application's threads go on: a commit whose
+    bump of a tag fails while a payment of that same tag is under way owes a bump for a
+    write the payment may predate. Before, the payment then struck the tag off, and the
+    later write was never invalidated in other processes."""
+    rig.backend.failing.add("bump")
+    rig.guard.bump(["t:users"])
+    rig.heal()
+    guard = rig.guard.raw
+    real_bump = rig.backend.real.bump
+
+    def bump_while_another_commit_fails(tags: Sequence[str]) -> None:
+        real_bump(tags)
+        guard.owe(["t:users"])  # another thread's failed bump, mid-payment
+
+    rig.backend.real.bump = bump_while_another_commit_fails  # type: ignore[method-assign]
+    rig.guard.get("k")  # pays
+    assert guard.owed_tags() == ["t:users"], "the newer debt was struck off"
+    rig.backend.real.bump = real_bump  # type: ignore[method-assign]
+    rig.guard.get("k")
+    assert guard.owed_tags() == []

@@ -74,6 +74,8 @@ class Guard:
         self.breaker = breaker
         self.log = RateLimitedLog()
         self._owed: set[str] = set()
+        # Debts taken on so far (a payment keeps what was owed anew while it ran).
+        self._debts = 0
         # Leases whose release failed (token -> tags). Left alone they would block
         # stores on their tags until they expire, long after the backend is back (a
         # Sentinel failover takes about a second; a lease lives lease_ttl seconds).
@@ -125,6 +127,7 @@ class Guard:
             owed = sorted(self._owed)
             releases = list(self._owed_releases.items())
             deletes = sorted(self._owed_deletes)
+            debts = self._debts
         op = "bump"
         try:
             for token, tags in releases:
@@ -143,8 +146,12 @@ class Guard:
             self._failed(op, exc)
             return False
         with self._owed_lock:
-            self._owed.difference_update(owed)
-            self._owed_deletes.difference_update(deletes)
+            # A debt taken on while this was paying (another thread's failed bump of a
+            # tag in ``owed``) is for a write after the payment may have run: it stays,
+            # and everything with it (paying twice is harmless; losing one is not).
+            if self._debts == debts:
+                self._owed.difference_update(owed)
+                self._owed_deletes.difference_update(deletes)
         self.breaker.success()
         return not self._owed and not self._owed_deletes
 
@@ -271,6 +278,7 @@ class Guard:
         self._wake_payer()
 
     def _owe_locked(self, tags: Sequence[str]) -> None:
+        self._debts += 1
         self._owed.update(tags)
         if len(self._owed) > MAX_TAGS:
             self._owed = set(collapse_tags(self._owed))
@@ -357,6 +365,7 @@ class Guard:
     def owe_deletes(self, keys: Sequence[str]) -> None:
         """Remember deletes to deliver before this process serves another hit."""
         with self._owed_lock:
+            self._debts += 1
             if len(self._owed_deletes) + len(keys) > _OWED_LIMIT:
                 # Too many single entries: bumping the namespace invalidates them all.
                 self._owed.add(NAMESPACE_TAG)
