@@ -460,23 +460,22 @@ def test_an_open_breaker_skips_commits_only_for_a_backend_that_makes_them_wait(
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["refused", "timed-out"])
-def test_a_refused_lease_still_tries_its_release(rig: Rig, slow: bool) -> None:
-    """A lease refused at once costs the commit nothing, so its release is tried: Redis
-    may be back by then (a restart), and the release's bump is what invalidates what
-    other processes stored meanwhile. After a timeout the release is owed instead: a
-    commit waits on a hung backend at most once."""
+def test_a_failed_lease_still_tries_its_release(rig: Rig, slow: bool) -> None:
+    """A lease refused (Redis restarting) leaves Redis with nothing, and one that timed
+    out may run on a busy Redis after COMMIT: either way other processes may store what
+    the commit changes meanwhile, and only the release's bump, done before commit()
+    returns, undoes that. So the release is tried (only an open breaker after timeouts
+    skips it: test_an_open_breaker_skips_commits_only_for_a_backend_that_makes_them_wait).
+    Before, a lease that timed out made its release owed untried, and the race with
+    CLIENT KILL under CI load read old rows."""
     rig.backend.slow = slow
     rig.backend.failing.add("acquire_lease")
     rig.guard.acquire_lease(["t:users"], "w", 60)
     rig.heal()
     rig.guard.release_lease(["t:users"], "w")
-    if slow:
-        assert rig.backend.ops() == []
-        assert rig.guard.raw.owed_tags() == ["t:users"]
-    else:
-        # The release went through, and the lease's debt was paid with it.
-        assert rig.backend.ops() == ["release_lease", "bump"]
-        assert rig.guard.raw.owed_tags() == []
+    # The release went through, and the lease's debt was paid with it.
+    assert rig.backend.ops() == ["release_lease", "bump"]
+    assert rig.guard.raw.owed_tags() == []
 
 
 @pytest.mark.parametrize("op", ["bump", "acquire_lease", "release_lease"])

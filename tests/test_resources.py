@@ -114,11 +114,15 @@ def test_a_huge_debt_is_collapsed_and_paid_in_one_bounded_bump(
     cache.close()
 
 
-def test_a_commit_waits_on_a_frozen_redis_at_most_once(server: PrivateRedis, Session: Any) -> None:
+def test_a_commit_stops_waiting_on_a_frozen_redis_once_the_breaker_opens(
+    server: PrivateRedis, Session: Any
+) -> None:
     """Issue 12: with Redis frozen (SIGSTOP) every commit waited two socket timeouts
-    (lease, then release), and still did after the breaker opened. Now the release of
-    a failed lease is owed without a second wait, and with the breaker open a commit
-    does not wait on Redis at all: its bumps are owed and paid when Redis is back."""
+    (lease, then release), and still did after the breaker opened. Until the breaker
+    opens a commit still tries its release after a lease that timed out (a busy Redis
+    may run that lease after COMMIT; only the release undoes what others stored
+    meanwhile), so it waits at most twice; with the breaker open a commit does not
+    wait on Redis at all: its bumps are owed and paid when Redis is back."""
     cache = Cache(
         server.url,
         namespace=f"frozen-{uuid.uuid4().hex[:8]}",
@@ -141,8 +145,8 @@ def test_a_commit_waits_on_a_frozen_redis_at_most_once(server: PrivateRedis, Ses
             durations.append(time.perf_counter() - started)
     finally:
         signal_redis(server, signal.SIGCONT)
-    assert max(durations) < TIMEOUT * 1.6, f"commit durations: {durations}"
-    assert max(durations[3:]) < TIMEOUT / 2, f"the breaker is open: {durations}"
+    assert max(durations) < TIMEOUT * 2.6, f"commit durations: {durations}"
+    assert max(durations[2:]) < TIMEOUT / 2, f"the breaker is open: {durations}"
     cache._core.guard.breaker.success()  # skip the 30 s cooldown: Redis is back
     assert name_of("key-1-secret") == "n5"
     cache.detach(Session)

@@ -83,8 +83,6 @@ class Guard:
         # Tokens whose lease this process holds: only those are worth releasing later
         # (a lease that failed to be taken has nothing to release).
         self._held: set[str] = set()
-        # Tokens whose lease failed: their release is owed without waiting again.
-        self._unleased: set[str] = set()
         # Computation locks whose unlock failed (key -> token). Left alone, the next miss
         # on that key would wait lock_wait seconds for a holder that has moved on.
         self._owed_unlocks: dict[str, str] = {}
@@ -410,19 +408,17 @@ class Guard:
         tags = collapse_tags(tags)
         if self._skip_write():
             self.owe(tags)
-            self._note_unleased(token)
             return
         try:
             self._b().acquire_lease(tags, token, ttl)
         except BackendError as exc:
             self._failed("lease", exc)
             self.owe(tags)
-            if exc.slow:
-                # The commit waited once already: its release is owed, not waited for
-                # again. A refusal cost nothing, so the release is still tried: Redis may
-                # be back by then (a restart), and other processes may already have
-                # stored what this commit changes.
-                self._note_unleased(token)
+            # The release is still tried (unless the breaker has since given up on a
+            # backend that makes calls wait): a lease that timed out may run on a busy
+            # Redis after COMMIT, and one that was refused leaves Redis with nothing;
+            # either way other processes may meanwhile store what this commit changes,
+            # and only the release's bump, done before commit() returns, undoes that.
             return
         except BaseException:
             self.owe(tags)  # interrupted: see bump()
@@ -437,11 +433,9 @@ class Guard:
         with self._owed_lock:
             held = token in self._held
             self._held.discard(token)
-            unleased = token in self._unleased
-            self._unleased.discard(token)
-        if unleased or self._skip_write():
-            # Its lease already failed (the commit waited once) or the breaker is open:
-            # the bump is owed rather than waited for again.
+        if self._skip_write():
+            # The breaker gave up on a backend that makes calls wait: the bump is owed
+            # rather than waited for.
             self._owe_release(tags, token, held)
             return
         try:
@@ -454,12 +448,6 @@ class Guard:
             self._owe_release(tags, token, held)  # interrupted: see bump()
             raise
         self._delivered()
-
-    def _note_unleased(self, token: str) -> None:
-        with self._owed_lock:
-            if len(self._unleased) >= _OWED_LIMIT:
-                self._unleased.clear()  # commits that never released: long gone
-            self._unleased.add(token)
 
     def _owe_release(self, tags: Sequence[str], token: str, held: bool) -> None:
         # The tags and the release together: a payment in between would bump the tags
