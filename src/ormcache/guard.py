@@ -401,7 +401,7 @@ class Guard:
         and until then other processes could serve what its failed bumps should have
         invalidated."""
         self.breaker.success()
-        if self._owed or self._owed_deletes:
+        if self._owes():
             self._settle()
 
     def acquire_lease(self, tags: Sequence[str], token: str, ttl: float) -> None:
