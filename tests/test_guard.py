@@ -525,6 +525,52 @@ def test_debts_are_paid_in_the_background_when_nobody_calls() -> None:
     assert payer is None or not payer.is_alive(), "the payer goes on with nothing owed"
 
 
+def _wait_dead(thread: Any, seconds: float = 5.0, *, collect: bool = False) -> bool:
+    import gc
+
+    deadline = time.monotonic() + seconds
+    while thread is not None and thread.is_alive() and time.monotonic() < deadline:
+        if collect:
+            gc.collect()  # a failure's traceback is a cycle through the guard's frames
+        time.sleep(0.01)
+    return thread is None or not thread.is_alive()
+
+
+def _guard_owing_a_bump() -> tuple[Guard, FlakyBackend]:
+    """A guard with a background payer, owing a bump its backend keeps refusing."""
+    backend = FlakyBackend()
+    breaker = CircuitBreaker(threshold=10_000, cooldown=COOLDOWN)
+    guard = Guard(backend, Stats(), breaker, pay_every=0.02)
+    backend.failing.add("bump")
+    assert guard.bump(["t:users"]) is False
+    return guard, backend
+
+
+def test_a_closed_guard_pays_once_and_stops_paying() -> None:
+    """Closing the cache pays what the backend will take now, then stops: a payer left
+    running retries a closed (or long dead) backend for the rest of the process."""
+    guard, backend = _guard_owing_a_bump()
+    payer = guard._payer
+    assert payer is not None
+    assert payer.is_alive()
+    guard.close()
+    assert _wait_dead(payer), "the payer goes on after close()"
+    tries = backend.ops().count("bump")
+    time.sleep(0.1)
+    assert backend.ops().count("bump") == tries, "a closed guard still calls its backend"
+    guard.bump(["t:orders"])  # a call that was under way when the cache closed
+    assert _wait_dead(guard._payer)
+
+
+def test_a_dropped_guard_stops_paying() -> None:
+    """The payer holds its guard weakly: a cache the application dropped without closing
+    must not leave a thread retrying a backend nobody uses."""
+    guard, _backend = _guard_owing_a_bump()
+    payer = guard._payer
+    del guard
+    assert _wait_dead(payer, collect=True), "the payer keeps a dropped guard alive"
+
+
 def test_a_debt_of_only_a_release_is_paid(rig: Rig) -> None:
     """A payment that ran between the bump and the release of a failed commit being
     recorded (the background payer, another thread) left a release owed with no tags:

@@ -319,6 +319,43 @@ def test_unattached_reads_are_not_cached_and_say_so(
     other.kw["bind"].dispose()
 
 
+def test_every_new_unattached_session_class_and_engine_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning is once per session class (and per engine for memoize), not once per
+    memory address: a new sessionmaker whose class reuses a collected one's id is still
+    a mistake worth naming."""
+    import gc
+
+    cache = Cache()
+    current: list[Any] = []  # this round's unattached sessionmaker
+
+    @cache.memoize(ttl=60)
+    def name_of(user_id: int, round_: int) -> str:
+        with current[0]() as s:
+            return str(s.scalars(select(User.name).where(User.id == user_id)).one())
+
+    for round_ in range(40):
+        engine = create_engine("sqlite://")
+        Base.metadata.create_all(engine)
+        seed(sessionmaker(engine))
+        current[:] = [sessionmaker(engine)]  # never attached
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ormcache"):
+            name_of(1, round_)
+            with current[0]() as s:
+                s.execute(select(User).where(User.id == 2).options(FromCache())).all()
+        assert "read through" in caplog.text, f"round {round_}: no warning for the engine"
+        assert "FromCache on a session no cache is attached to" in caplog.text, (
+            f"round {round_}: no warning for the session class"
+        )
+        engine.dispose()
+        current.clear()
+        del engine, s
+        gc.collect()
+    cache.close()
+
+
 def test_deleting_an_object_loaded_by_fromcache_never_flushes_inside_a_flush(
     world: dict[str, Any],
 ) -> None:

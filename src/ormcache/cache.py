@@ -387,6 +387,7 @@ class Cache:
         on every commit of the engines it watched."""
         if self._wiring is not None:
             self._wiring.detach_all()
+        self._core.guard.close()
         self._core.backend.close()
 
     # -- SQLAlchemy integration -------------------------------------------------------

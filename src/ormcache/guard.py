@@ -94,6 +94,7 @@ class Guard:
         # ``pay_every`` seconds while any are owed (see _wake_payer).
         self._pay_every = pay_every
         self._payer: threading.Thread | None = None
+        self._closed = False
         if pay_every is not None:
             _paying.add(self)
 
@@ -109,7 +110,9 @@ class Guard:
         # A failure that made us wait stops commits from trying the backend while the
         # breaker is open (see _skip_write).
         opened = self.breaker.failure(slow=exc.slow)
-        self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, exc)
+        # The text, not the exception: a handler that keeps records (a test's capture, a
+        # MemoryHandler) would keep its traceback, and with it this guard, alive.
+        self.log.warning(op, "ormcache: backend %s failed, calling through: %s", op, str(exc))
         if opened:
             self.log.warning(
                 "breaker",
@@ -297,24 +300,38 @@ class Guard:
             payer = self._payer
             if payer is not None and payer.is_alive():  # not alive: gone, or a fork's copy
                 return
+            if self._closed:
+                return
+            # The thread holds the guard weakly: a cache the application dropped (or
+            # closed) must not leave a thread retrying a backend nobody uses forever.
             self._payer = threading.Thread(
-                target=self._pay_in_background, name="ormcache-debts", daemon=True
+                target=_pay_in_background,
+                args=(weakref.ref(self), self._pay_every),
+                name="ormcache-debts",
+                daemon=True,
             )
             self._payer.start()
 
-    def _pay_in_background(self) -> None:
-        every = self._pay_every or 1.0
-        while True:
-            time.sleep(every)
-            with self._owed_lock:
-                if not self._owes():
-                    self._payer = None
-                    return
-            if self.breaker.allow():
-                # A call of its own: a failure here must not skip anyone else's backend.
-                contextvars.Context().run(self._settle)
-                # Paid by someone else meanwhile: the probe this took was not used.
-                self.breaker.end_probe()
+    def _pay_once(self) -> bool:
+        """One background attempt; False once there is nothing left to pay."""
+        with self._owed_lock:
+            if self._closed or not self._owes():
+                self._payer = None
+                return False
+        if self.breaker.allow():
+            # A call of its own: a failure here must not skip anyone else's backend.
+            contextvars.Context().run(self._settle)
+            # Paid by someone else meanwhile: the probe this took was not used.
+            self.breaker.end_probe()
+        return True
+
+    def close(self) -> None:
+        """The cache is closed: pay what is owed if the backend answers, then stop
+        paying (the backend's connections are about to close)."""
+        self.pay_now()
+        with self._owed_lock:
+            self._closed = True
+        _paying.discard(self)
 
     def hand_over(self, heir: Guard, *, same_backend: bool) -> None:
         """Move what is owed to ``heir`` (the cache was reconfigured). Releases and
@@ -473,6 +490,15 @@ class Guard:
             self.owe([NAMESPACE_TAG])
             return False
         return True
+
+
+def _pay_in_background(guard_ref: weakref.ref[Guard], every: float) -> None:
+    while True:
+        time.sleep(every)
+        guard = guard_ref()
+        if guard is None or not guard._pay_once():
+            return
+        del guard
 
 
 # Guards that pay their debts by themselves: they try once more as the process exits.

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect
@@ -87,7 +88,16 @@ def install_load_listeners() -> None:
 # Process-wide too: a read that no attached session or engine sees cannot be invalidated
 # by commits, so a computation that makes one is not stored, and the mistake is named.
 _global_installed = False
-_warned: set[tuple[int, int]] = set()
+# Keyed weakly, not by id(): an id is reused once its object is gone, and a new session
+# class or engine must still get its warning.
+_warned: weakref.WeakKeyDictionary[object, weakref.WeakSet[object]] = weakref.WeakKeyDictionary()
+
+
+class _Marker:
+    """A weakly referable stand-in for "no cache" in :func:`_warn_once`."""
+
+
+_UNATTACHED_FROMCACHE = _Marker()
 
 
 def _on_any_cursor(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
@@ -101,7 +111,8 @@ def _on_any_cursor(conn: Connection, cursor: Any, statement: str, *args: Any) ->
             continue
         ctx.forbid("it read through an engine this cache is not attached to")
         _warn_once(
-            (id(ctx.owner), id(engine)),
+            engine,
+            ctx.owner,
             "ormcache: a memoized function read through %r, which this cache is not "
             "attached to, so commits cannot invalidate what it read and its result is "
             "not cached; call cache.attach() with that Session, sessionmaker or Engine",
@@ -121,7 +132,8 @@ def _on_any_orm_execute(state: ORMExecuteState) -> None:
         if isinstance(getattr(fn, "__self__", None), SessionTracker):
             return
     _warn_once(
-        (0, id(type(state.session))),
+        type(state.session),
+        _UNATTACHED_FROMCACHE,
         "ormcache: FromCache on a session no cache is attached to (%s): the statement runs "
         "uncached; call cache.attach() with its sessionmaker, scoped_session or Session "
         "class",
@@ -129,10 +141,14 @@ def _on_any_orm_execute(state: ORMExecuteState) -> None:
     )
 
 
-def _warn_once(key: tuple[int, int], message: str, *args: object) -> None:
-    if key in _warned:
+def _warn_once(subject: object, about: object, message: str, *args: object) -> None:
+    """Warn once per (subject, about) pair while both are alive."""
+    seen = _warned.get(subject)
+    if seen is None:
+        seen = _warned[subject] = weakref.WeakSet()
+    if about in seen:
         return
-    _warned.add(key)
+    seen.add(about)
     logger.warning(message, *args)
 
 
