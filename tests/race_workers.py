@@ -122,8 +122,12 @@ def reader(
     }[mode]
     reads = stale = 0
     worst = 0
+    # How each stale read was served (a diagnosis when the assertion fails): from the
+    # near cache's memory, by a Redis hit, or by the database (a miss).
+    served_by: dict[str, int] = {}
     i = seed
     while not stop.is_set():
+        seen = cache.stats()
         row = 1 + (i % n_rows)
         i += 1
         if mode == "transaction":
@@ -145,8 +149,19 @@ def reader(
         if got < floor:
             stale += 1
             worst = max(worst, floor - got)
+            now = cache.stats()
+            how = (
+                "near"
+                if now.near_hits > seen.near_hits
+                else "redis"
+                if now.hits > seen.hits
+                else "database"
+            )
+            served_by[how] = served_by.get(how, 0) + 1
         if pause:
             time.sleep(pause)  # see race_across_processes: writers must progress too
     stats = cache.stats()
-    results.put((reads, stale, worst, stats.hits, stats.store_conflicts, stats.near_hits))
+    results.put(
+        (reads, stale, worst, stats.hits, stats.store_conflicts, stats.near_hits, served_by)
+    )
     cache.close()

@@ -117,11 +117,30 @@ def test_ping_reports_without_the_password(redis_url: str, namespace: str) -> No
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "redis:/:hunter2@127.0.0.1:6379/0",  # a slash missing
+        "redis:hunter2@127.0.0.1:6379/0",
+        "127.0.0.1:6379?password=hunter2",  # no scheme at all
+        "hunter2@127.0.0.1",
+        "redis//:hunter2@127.0.0.1:6379/0",
+    ],
+)
+def test_a_malformed_url_is_refused_without_echoing_its_password(url: str) -> None:
+    """A URL that cannot be parsed cannot be redacted by its parts: the error names no
+    more of it than its scheme-like head (found by review: the whole URL was echoed)."""
+    result = run("--url", url, "ping", env={"ORMCACHE_URL": ""})
+    assert result.exit_code == 2, result.output
+    assert "hunter2" not in result.output
+    assert "redis://" in result.output  # what a URL looks like
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["invalidate", "users"], "no cache URL"),
         (["--url", "memory://", "invalidate", "users"], "memory:// lives inside one"),
-        (["--url", "memcached://x", "invalidate", "users"], "unsupported cache URL scheme"),
+        (["--url", "memcached://x", "invalidate", "users"], "unsupported cache URL"),
         (["--url", "redis://127.0.0.1:6379/0", "invalidate"], "name the tables"),
     ],
 )

@@ -145,7 +145,11 @@ def race_across_processes(
     )
     race_workers.Base.metadata.drop_all(engine)
     engine.dispose()
-    assert stale == 0, f"{stale} stale reads (worst lag {max(o[2] for o in outcomes)})"
+    served_by = [o[6] for o in outcomes if o[6]]
+    assert stale == 0, (
+        f"{stale} stale reads (worst lag {max(o[2] for o in outcomes)}; served by, per "
+        f"reader: {served_by})"
+    )
     assert min(versions) > 10, "writers made too little progress for a meaningful race"
     assert hits > 0, "the cache never served a hit: the race did not exercise it"
     assert reads >= reads_required, f"only {reads} reads within the 240 s bound"

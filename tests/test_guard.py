@@ -525,6 +525,27 @@ def test_debts_are_paid_in_the_background_when_nobody_calls() -> None:
     assert payer is None or not payer.is_alive(), "the payer goes on with nothing owed"
 
 
+def test_the_payer_pays_as_soon_as_the_backend_is_back_not_after_the_cooldown() -> None:
+    """Other processes' breakers close as soon as the backend answers again; a payer
+    that waited out its own cool-down left them serving what the debt should have
+    invalidated for that long. It tries every ``pay_every`` instead (it serves no
+    request, so a wait costs nobody), and its success closes the breaker."""
+    backend = FlakyBackend()
+    breaker = CircuitBreaker(threshold=1, cooldown=60.0)
+    guard = Guard(backend, Stats(), breaker, pay_every=0.02)
+    backend.failing.add("bump")
+    assert guard.bump(["t:users"]) is False
+    assert breaker.is_open
+    time.sleep(0.1)
+    backend.failing.clear()
+    deadline = time.monotonic() + 2
+    while guard.owed_tags() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert guard.owed_tags() == [], "the debt waits for the breaker's 60 s cool-down"
+    assert not breaker.is_open
+    guard.close()
+
+
 def _wait_dead(thread: Any, seconds: float = 5.0, *, collect: bool = False) -> bool:
     import gc
 

@@ -668,6 +668,107 @@ def test_near_cache_memory_is_bounded(redis_url: str, sqlite_engine: Any, namesp
     small.close()
 
 
+def test_near_cache_bytes_count_tags_and_generations() -> None:
+    """An entry's weight is its tags and generation names as well as its payload: many
+    long row or partition tags on a small payload used to count 200 bytes each, and the
+    byte bound let memory grow several times past it."""
+    from ormcache.backends.base import Entry
+    from ormcache.backends.near import NearTables
+
+    tables = NearTables("ns:e:", max_entries=10_000, max_bytes=100_000)
+    for i in range(50):
+        tags = tuple(f"r:users:{i}:{j}:" + "x" * 1000 for j in range(20))
+        names = tuple(f"ns:g:{tag}".encode() for tag in tags)
+        tables.learn(f"k{i}", Entry(b"v" * 10, tags, (1,) * len(tags)), names)
+    held = sum(
+        len(entry.payload) + sum(map(len, entry.tags)) + sum(map(len, names))
+        for entry, names, _ in tables.entries.values()
+    )
+    assert tables.entries, "nothing kept at all"
+    assert held <= tables.max_bytes, f"{held} bytes of entries held under a 100,000-byte bound"
+
+
+def test_a_dropped_cache_leaves_no_thread_and_no_connection(private_redis: PrivateRedis) -> None:
+    """A cache dropped without ``close()`` (one built per request or per test, an app
+    factory run again) must not leave its push channel's thread and connection pinging
+    Redis for the rest of the process."""
+    import gc
+
+    admin = private_redis.client()
+
+    def ours() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "ormcache-near-cache")
+
+    before_threads = ours()
+    before_clients = int(admin.info("clients")["connected_clients"])
+    for i in range(5):
+        cache = Cache(private_redis.url, namespace=f"dropped-{i}")
+
+        @cache.memoize(ttl=60)
+        def double(x: int) -> int:
+            return 2 * x
+
+        assert wait_until(near_of(cache).channel.current)
+        for _ in range(3):  # a miss, the refill, then memory
+            double(21)
+        assert cache.stats().near_hits > 0
+        del cache, double
+    assert ours() >= before_threads + 1  # they were running
+
+    def gone() -> bool:
+        gc.collect()
+        return (
+            ours() == before_threads
+            and int(admin.info("clients")["connected_clients"]) <= before_clients
+        )
+
+    assert wait_until(gone, timeout=10), (
+        f"{ours() - before_threads} channel threads and "
+        f"{int(admin.info('clients')['connected_clients']) - before_clients} connections left"
+    )
+    admin.close()
+
+
+def test_a_channel_redis_refuses_backs_off_and_leaves_no_connection(
+    private_redis: PrivateRedis,
+) -> None:
+    """A user without ``CLIENT`` can never turn tracking on: the near cache stays off,
+    and each process must not open a new connection every half interval for good (with
+    100 workers that was 200 connections a second). Set-up attempts back off, and each
+    failed one closes its connection."""
+    from ormcache.backends.redis.tracking import TrackingChannel
+
+    admin = private_redis.client()
+    admin.execute_command("ACL", "SETUSER", "notrack", "on", ">pw", "~*", "+@all", "-client")
+    url = f"redis://notrack:pw@127.0.0.1:{private_redis.port}/0"
+    pool = redis.ConnectionPool.from_url(url, protocol=3)
+
+    class Listener:
+        def invalidated(self, names: Any) -> None:
+            pass
+
+        def reset(self) -> None:
+            pass
+
+    def connections() -> int:
+        return int(admin.info("stats")["total_connections_received"])
+
+    start = connections()
+    channel = TrackingChannel(pool.make_connection, ["ns:"], Listener(), where="acl", interval=0.1)
+    assert not channel.current()
+    time.sleep(3)
+    tries = connections() - start
+    assert not channel.current()
+    assert "CLIENT" in channel.reason or "NOPERM" in channel.reason, channel.reason
+    # Without a backoff: one try every 0.05 s, 60 in 3 s; with it, 0.1 s doubling.
+    assert 2 <= tries <= 8, f"{tries} set-up connections in 3 s"
+    clients = [c for c in admin.client_list() if c.get("user") == "notrack"]
+    assert len(clients) <= 1, f"{len(clients)} failed set-up connections left open"
+    channel.close()
+    pool.disconnect()
+    admin.close()
+
+
 @pytest.fixture(params=["plain", "tls"])
 def plain_or_tls(
     request: pytest.FixtureRequest, tmp_path: Any

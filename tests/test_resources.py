@@ -213,6 +213,31 @@ def test_the_memory_backend_is_bounded_in_bytes() -> None:
     cache.close()
 
 
+def test_the_memory_bound_counts_tags_not_only_payloads() -> None:
+    """A memoized call that read 300 rows carries 300 row tags and generations and a
+    payload of a few bytes: counting payloads alone let a 1 MB bound hold 83 MB (found
+    by review). Everything an entry keeps counts."""
+    import tracemalloc
+
+    from ormcache.backends.memory import MemoryBackend
+
+    limit = 1_000_000
+    backend = MemoryBackend("tags", max_bytes=limit)
+    tags = [f"r:users:{i:06d}" for i in range(300)]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(3000):
+            snapshot = backend.snapshot(tags)
+            assert snapshot is not None
+            assert backend.set(f"k{i}", b"x" * 27, None, snapshot)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * limit, f"grew by {grown / 2**20:.1f} MiB for a 1 MB bound"
+    assert backend.get("k2999") is not None, "the newest entry stays"
+
+
 def test_generation_keys_live_about_as_long_as_their_entries(
     server: PrivateRedis, Session: Any
 ) -> None:

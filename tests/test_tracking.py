@@ -122,21 +122,64 @@ def test_a_reply_nobody_asked_for_takes_the_channel_down(
     assert "nobody asked for" in channel.reason
 
 
-def test_pushes_split_across_reads_are_applied_whole(
+def answer_fence(server: socket.socket, before_reply: bytes = b"") -> threading.Thread:
+    """The server's side of one fence: read its PING, send ``before_reply`` (what Redis
+    had queued ahead of it), then the reply."""
+
+    def answer() -> None:
+        assert b"PING" in read_command(server)
+        time.sleep(0.05)
+        server.sendall(before_reply + b"+PONG\r\n")
+
+    helper = threading.Thread(target=answer)
+    helper.start()
+    return helper
+
+
+def test_a_push_cut_short_is_fenced_and_applied_whole_before_memory_serves(
     scripted: tuple[TrackingChannel, Recorder, socket.socket],
 ) -> None:
-    """A push cut in two by the network is applied once its second half arrives, and
-    not before."""
+    """A drain that ends inside a message: Redis has not finished writing to us (it
+    writes a client at most 64 KiB per event-loop turn), so what follows may be a push
+    for a commit that already returned. The hit fences before serving, and the push is
+    applied whole, never half."""
     channel, listener, server = scripted
     message = push(b"ns:split")
     server.sendall(message[:9])
     time.sleep(0.02)
-    assert channel.current()
-    assert listener.names == []
-    server.sendall(message[9:])
+    helper = answer_fence(server, before_reply=message[9:])
+    assert channel.current(), channel.reason
+    helper.join()
+    assert channel.fences == 1
+    assert listener.names == [b"ns:split"], "memory served with a push half read"
+
+
+def test_drains_that_add_up_to_a_full_socket_fence(
+    scripted: tuple[TrackingChannel, Recorder, socket.socket],
+) -> None:
+    """The socket may have been full across two drains as well as in one: what counts
+    is what was read since Redis last answered, not what one drain read."""
+    channel, listener, server = scripted
+    each = len(push(b"ns:b0-000000"))
+    count = int(0.4 * channel._full) // each + 1  # two batches fall short, three do not
+    batches = [b"".join(push(b"ns:b%d-%06d" % (b, i)) for i in range(count)) for b in range(3)]
+    for batch in batches[:2]:
+        server.sendall(batch)
+        time.sleep(0.02)
+        assert channel.current(), channel.reason
+    assert channel.fences == 0
+    helper = answer_fence(server)
+    server.sendall(batches[2])
     time.sleep(0.02)
-    assert channel.current()
-    assert listener.names == [b"ns:split"]
+    assert channel.current(), channel.reason
+    helper.join()
+    assert channel.fences == 1
+    # A reply came: the count starts over.
+    server.sendall(batches[0])
+    time.sleep(0.02)
+    assert channel.current(), channel.reason
+    assert channel.fences == 1
+    assert len(listener.names) == 4 * count
 
 
 def test_a_small_receive_buffer_fences_sooner() -> None:

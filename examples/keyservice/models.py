@@ -27,12 +27,18 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+# Names and e-mails are any Unicode: on a MariaDB/MySQL server whose default character
+# set is latin1 or utf8mb3, an emoji in a name would be a database error (a 500).
+_UNICODE_TABLE = {"mysql_charset": "utf8mb4", "mariadb_charset": "utf8mb4"}
+
+
 class Base(DeclarativeBase):
     pass
 
 
 class User(Base):
     __tablename__ = "ks_users"
+    __table_args__ = _UNICODE_TABLE
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
@@ -43,6 +49,7 @@ class User(Base):
 
 class ApiKey(Base):
     __tablename__ = "ks_api_keys"
+    __table_args__ = _UNICODE_TABLE
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("ks_users.id"), index=True)

@@ -348,7 +348,9 @@ _SECRETS = [
     (re.compile(r"oc_[A-Za-z0-9_\-]{8,}"), "oc_[redacted]"),
     (re.compile(r"(?i)(bearer)([\s:=]+)[^\s\"',;]+"), r"\1\2[redacted]"),
     (re.compile(r"(?i)(password|passwd|secret|token)=[^&\s\"']*"), r"\1=[redacted]"),
-    (re.compile(r"(://[^/:@\s]*):[^@/\s]*@"), r"\1:[redacted]@"),
+    # user:password@ in a URL, a password holding "/" and a URL missing a slash
+    # ("redis:/:pw@host") included.
+    (re.compile(r"(?i)([a-z][a-z0-9+.-]*:/*[^/:@\s]*):[^@\s]*@"), r"\1:[redacted]@"),
 ]
 
 

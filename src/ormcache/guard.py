@@ -318,11 +318,13 @@ class Guard:
             if self._closed or not self._owes():
                 self._payer = None
                 return False
-        if self.breaker.allow():
-            # A call of its own: a failure here must not skip anyone else's backend.
-            contextvars.Context().run(self._settle)
-            # Paid by someone else meanwhile: the probe this took was not used.
-            self.breaker.end_probe()
+        # Tried whatever the breaker says: this thread serves no request, so waiting on a
+        # dead backend costs nobody, while waiting out the breaker's cool-down would let
+        # other processes (whose breakers closed at once) serve what the debt should
+        # have invalidated for that long after the backend is back. Its success closes
+        # the breaker for this process's callers too. A call of its own: a failure here
+        # must not skip anyone else's backend.
+        contextvars.Context().run(self._settle)
         return True
 
     def close(self) -> None:

@@ -332,3 +332,32 @@ def test_demo_stopped_with_sigterm_leaves_no_server_running(tmp_path: Path) -> N
         # Whatever is left of the demo's process group (gunicorn workers, if any).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_names_in_any_script_are_stored_on_a_latin1_mariadb(mariadb_url: str) -> None:
+    """A MariaDB server whose default character set is latin1 (or utf8mb3) made an emoji
+    in a name a database error, and the service answered 500 (found by review): the
+    service's tables are utf8mb4 whatever the server's default."""
+    import uuid
+
+    from examples.keyservice.models import Base, User
+    from sqlalchemy import create_engine, select, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import Session
+
+    name = f"ks_latin1_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(mariadb_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET latin1"))
+    engine = create_engine(make_url(mariadb_url).set(database=name))
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add(User(name="Zoë 😀 李", email="zoe@example.com"))
+            s.commit()
+            assert s.scalars(select(User.name)).one() == "Zoë 😀 李"
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP DATABASE {name}"))
+        admin.dispose()

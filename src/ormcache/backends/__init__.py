@@ -6,7 +6,7 @@ from typing import Any
 
 from ormcache.errors import ConfigurationError
 
-from .base import Backend, Entry, Snapshot
+from .base import Backend, Entry, Snapshot, redact_url
 
 __all__ = ["Backend", "Entry", "Snapshot", "create_backend"]
 
@@ -38,5 +38,6 @@ def create_backend(url: str, namespace: str, **options: Any) -> Backend:
         backend: Backend = getattr(redis, _REDIS[scheme]).from_url(url, namespace, **options)
         return backend
     raise ConfigurationError(
-        f"unsupported cache URL scheme {scheme or url!r}; use one of {', '.join(SCHEMES)}"
+        f"unsupported cache URL {redact_url(url)}: it must start with one of "
+        f"{', '.join(SCHEMES)} (for example redis://127.0.0.1:6379/0)"
     )

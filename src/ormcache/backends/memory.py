@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from .base import Entry, Snapshot
+from .base import Entry, Snapshot, entry_weight
 
 __all__ = ["MemoryBackend"]
 
@@ -41,15 +41,15 @@ class MemoryBackend:
     ) -> None:
         self.namespace = namespace
         self.max_entries = max_entries
-        #: Payload bytes held at most: counting entries alone let 3000 entries of 100 KB
-        #: grow the process by 288 MB.
+        #: Bytes held at most (:func:`entry_weight`: payload, key, tags and generations):
+        #: counting entries alone let 3000 entries of 100 KB grow the process by 288 MB.
         self.max_bytes = max_bytes
         self._bytes = 0
         self.max_tags = max_tags
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (expires_at or None, the entry get returns as it is)
-        self._entries: OrderedDict[str, tuple[float | None, Entry]] = OrderedDict()
+        # key -> (expires_at or None, the entry get returns as it is, its weight)
+        self._entries: OrderedDict[str, tuple[float | None, Entry, int]] = OrderedDict()
         self._gens: OrderedDict[str, int] = OrderedDict()
         self._leases: dict[str, dict[str, float]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
@@ -66,7 +66,7 @@ class MemoryBackend:
     def _drop(self, key: str) -> None:
         stored = self._entries.pop(key, None)
         if stored is not None:
-            self._bytes -= len(stored[1].payload)
+            self._bytes -= stored[2]
 
     def _leased(self, tags: Sequence[str], now: float) -> bool:
         for tag in tags:
@@ -95,7 +95,7 @@ class MemoryBackend:
             stored = self._entries.get(key)
             if stored is None:
                 return None
-            expires, entry = stored
+            expires, entry, _ = stored
             if expires is not None and expires <= self._clock():
                 self._drop(key)
                 return None
@@ -124,15 +124,16 @@ class MemoryBackend:
                 return False
             expires = None if ttl is None else now + ttl
             entry = Entry(bytes(payload), snapshot.tags, tuple(snapshot.gens))
-            if len(entry.payload) > self.max_bytes:
+            weight = entry_weight(key, entry)
+            if weight > self.max_bytes:
                 self._drop(key)  # it could never fit: the value goes uncached
                 return False
             self._drop(key)
-            self._entries[key] = (expires, entry)
-            self._bytes += len(entry.payload)
+            self._entries[key] = (expires, entry, weight)
+            self._bytes += weight
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                _, (_, old) = self._entries.popitem(last=False)
-                self._bytes -= len(old.payload)
+                _, (_, _, old) = self._entries.popitem(last=False)
+                self._bytes -= old
             return True
 
     def delete(self, keys: Sequence[str]) -> None:

@@ -47,15 +47,13 @@ import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import UNREADABLE, Backend, Entry, Snapshot
+from .base import OBJECT_OVERHEAD, UNREADABLE, Backend, Entry, Snapshot, entry_weight
 
 __all__ = ["NearCache", "NearTables"]
 
 #: Pushes remembered for the refill check; a refill that began more pushes ago than
 #: this is not remembered (it is still served).
 RING = 4096
-#: Bytes counted per entry beyond its payload (tuples, dict slots).
-_OVERHEAD = 200
 _ALL = b""  # a ring mark: every key changed
 
 
@@ -128,7 +126,11 @@ class NearTables:
         return False
 
     def learn(self, key: str, entry: Entry, names: tuple[bytes, ...]) -> None:
-        size = len(entry.payload) + _OVERHEAD * (1 + len(names))
+        # The entry's tags and our generation names for them count too (an entry with
+        # many long row or partition tags can weigh more in them than in its payload),
+        # and each name again in ``gens``.
+        size = entry_weight(key, entry) + sum(map(len, names)) * 2
+        size += len(names) * 2 * OBJECT_OVERHEAD
         if size > self.max_bytes:
             return
         self._drop(key)

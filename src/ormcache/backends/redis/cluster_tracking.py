@@ -289,6 +289,7 @@ class ClusterChannel(Background):
             self.epoch += 1
             self._listener.reset()
             self._up = True
+            self._setup_done()
             if self._last_reason:
                 logger.warning("ormcache: near cache on again (%s)", self.where)
             self._last_reason = ""

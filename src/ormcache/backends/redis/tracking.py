@@ -64,6 +64,8 @@ logger = logging.getLogger("ormcache")
 #: turns the near cache off until the channel is set up again.
 HEALTH_INTERVAL = 1.0
 _BUFFER = 1 << 16
+#: Longest wait between set-up attempts of a push channel that keeps failing.
+MAX_BACKOFF = 10.0
 
 
 class Readiness:
@@ -175,16 +177,26 @@ class Background:
         self._closed = False
         self._pid = os.getpid()
         self._last_reason = ""
+        #: Seconds to wait before the next set-up after failed ones (0: none failed).
+        self._backoff = 0.0
         if own_life:
             track_forks(self)
 
     def _setup_failed(self, exc: Exception) -> None:
-        """Remember (and log once) why the channel could not be set up."""
+        """Remember (and log once) why the channel could not be set up, and wait longer
+        before the next try: a server that keeps refusing (an ACL without ``CLIENT``, a
+        server down for long) must not get a new connection every half interval from
+        every process for good."""
         with self.lock:
             reason = f"cannot set up the push channel ({exc})"
             if reason != self._last_reason:
                 logger.warning("ormcache: near cache off: %s: %s", self.where, reason)
             self._last_reason = reason
+            self._backoff = min(max(2 * self._backoff, self.interval), MAX_BACKOFF)
+
+    def _setup_done(self) -> None:
+        """The channel is up (lock held): the next failure starts the backoff afresh."""
+        self._backoff = 0.0
 
     def _step(self) -> None:
         """One health step: set up what is down, check what is up (lock not held)."""
@@ -202,16 +214,26 @@ class Background:
         if thread is not None and thread.is_alive():
             return
         self._stop = threading.Event()
+        # The thread holds the channel weakly: a cache dropped without close() must not
+        # leave a thread and a connection pinging Redis for the rest of the process.
         self._thread = threading.Thread(
-            target=self._health, name="ormcache-near-cache", daemon=True
+            target=_health,
+            args=(weakref.ref(self), self._stop),
+            name="ormcache-near-cache",
+            daemon=True,
         )
         self._thread.start()
 
-    def _health(self) -> None:
-        stop = self._stop
-        while not stop.is_set():
-            self._step()
-            stop.wait(self.interval / 2)
+
+def _health(ref: weakref.ref[Background], stop: threading.Event) -> None:
+    while not stop.is_set():
+        channel = ref()
+        if channel is None:
+            return
+        channel._step()
+        pause = max(channel.interval / 2, channel._backoff)
+        del channel
+        stop.wait(pause)
 
 
 class TrackingChannel(Background):
@@ -272,8 +294,10 @@ class TrackingChannel(Background):
         self.fences = 0
         #: Replies received so far (a fence waits for its own by count).
         self._answered = 0
-        #: Bytes in one drain past which the socket may have been full (see _full_at).
+        #: Bytes read since the last reply past which the socket may have been full
+        #: (see _full_at).
         self._full = _BUFFER
+        self._unfenced = 0
         self._init_background(own_life=not self._member)
 
     def set_write_probe(self, key: str | None) -> None:
@@ -304,9 +328,11 @@ class TrackingChannel(Background):
         total = self._read_all()
         if total < 0 or not self._apply():
             return
-        if total >= self._full:
-            # As much as the socket may hold at once, or more: Redis may hold further
-            # pushes it could not write yet.
+        self._unfenced += total
+        if self._unfenced >= self._full or self._reader.has_data():
+            # As much as the socket may hold at once since Redis last answered us (in
+            # one drain or over several), or a message cut short: Redis may hold
+            # further pushes it could not write yet.
             self.fences += 1
             self._fence()
 
@@ -370,6 +396,8 @@ class TrackingChannel(Background):
                 return False
             asked, _, check = self._pending.popleft()
             self._answered += 1
+            # Redis wrote everything it queued for us before this reply.
+            self._unfenced = 0
             if isinstance(msg, Exception):
                 self._down(f"{asked.decode()} failed: {msg}")
                 return False
@@ -435,9 +463,17 @@ class TrackingChannel(Background):
     def _setup(self) -> None:
         """Connect, turn tracking on and install the connection (lock not held: the
         connect may wait up to its timeout)."""
+        conn = self._connect()
+        try:
+            self._install(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the connection failed already
+                conn.disconnect()
+            raise
+
+    def _install(self, conn: Any) -> None:
         import hiredis
 
-        conn = self._connect()
         conn.connect()
         sock = conn._sock
         reader = hiredis.Reader()
@@ -479,7 +515,9 @@ class TrackingChannel(Background):
             self._tls = isinstance(sock, ssl.SSLSocket)
             self._full = _full_at(sock)
             self._pending.clear()
+            self._unfenced = 0
             self.epoch += 1
+            self._setup_done()
             # Nothing learned before this moment was covered by these pushes.
             self._listener.reset()
             self._up = True
