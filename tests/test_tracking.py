@@ -209,3 +209,19 @@ def test_a_small_receive_buffer_fences_sooner() -> None:
     finally:
         channel.close()
         server.close()
+
+
+def test_the_end_of_the_connection_behind_the_last_pushes_is_never_left_unread(
+    scripted: tuple[TrackingChannel, Recorder, socket.socket],
+) -> None:
+    """Redis killed the connection (``CLIENT KILL``) right after writing some pushes:
+    the socket holds them, then the end. A drain that stopped at its first short read
+    applied the pushes, left the end unread and served from memory, though the commits
+    made after the kill, whose pushes never came, had returned (2 stale reads in the
+    multi-process race with the push connections killed every 0.3 s)."""
+    channel, _listener, server = scripted
+    server.sendall(push(b"ns:before-the-kill"))
+    server.close()
+    time.sleep(0.05)
+    assert not channel.current(), "memory served with the connection already gone"
+    assert "closed" in channel.reason

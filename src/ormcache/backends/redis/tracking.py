@@ -340,22 +340,23 @@ class TrackingChannel(Background):
         """Feed the reader everything the socket holds now: the bytes read, -1 if the
         channel fell (lock held).
 
-        A plain socket is empty once a read returns less than the buffer. A TLS socket
-        returns one TLS record per read (at most 16 KiB), and the records after it
-        still wait on the socket, so it is read until it has nothing left: a drain
-        that stopped after the first record would serve from memory with the push that
-        matters unread (it did: ``rediss://`` near hits served rows changed before
-        they began).
+        Read until the socket says it has nothing left, not until a read comes back
+        short: the end of the connection waits behind the last bytes Redis wrote. A
+        drain that stopped at a short read applied the pushes Redis sent before it
+        killed the connection (``CLIENT KILL``), left the end unread and served from
+        memory, while the commits made since, whose pushes never came, had returned
+        (the multi-process race with the push connections killed every 0.3 s found it).
+        A TLS socket also returns one TLS record per read (at most 16 KiB), with the
+        records after it still waiting.
         """
-        size = len(self._buf)
         total = 0
         while True:
             n = self._recv()
             if n < 0:
                 return -1
-            total += n
-            if n == 0 or (n < size and not self._tls):
+            if n == 0:
                 return total
+            total += n
 
     def _recv(self) -> int:
         """One read into the reader: the bytes read (0: none waiting), -1 if the channel
