@@ -879,7 +879,7 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
     """The cross-process race (2 writers, 3 readers, separate processes) with the near
     cache on: 0 stale reads, and over 80% of reads served from process memory (a
     read-mostly load: the writers commit about 40 times a second in all). Under chaos the
-    push connections are killed (``CLIENT KILL``) every 2 s, or Redis is restarted (empty)
+    push connections are killed (``CLIENT KILL``) every 0.5 s, or Redis is restarted (empty)
     every 3 s: still 0 stale."""
 
     db_url = request.getfixturevalue("postgres_url" if database == "postgresql" else "mariadb_url")
@@ -888,6 +888,10 @@ def test_no_stale_reads_across_processes_with_the_near_cache(
     action = None
     every = 2.0
     if chaos == "kill-channel":
+        # Often: a kill lands between a reader's drain and its next hit only now and
+        # then (a drain that left the end of a killed connection unread was caught in
+        # 2 of 7 runs at 0.3 s, about 1 in 30 at 2 s).
+        every = 0.5
 
         def action() -> None:
             admin = server.client()
