@@ -389,7 +389,14 @@ def test_closing_the_cache_is_not_logged_as_a_lost_channel(
     cache, _name_of, _near = warm(near_server.url, sqlite_engine, namespace, **near_server.options)
     with caplog.at_level("WARNING", logger="ormcache"):
         cache.close()
-    assert [r.getMessage() for r in caplog.records] == []
+    # Only what is about this cache: earlier tests' caches may still be paying debts to
+    # servers long gone, and say so.
+    ours = [
+        m
+        for m in (r.getMessage() for r in caplog.records)
+        if "near cache" in m or any(f":{port}" in m for port in near_server.ports)
+    ]
+    assert ours == []
 
 
 def test_invalidations_are_fenced_by_processes_without_a_near_cache_too(

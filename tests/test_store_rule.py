@@ -335,11 +335,16 @@ def test_every_new_unattached_session_class_and_engine_is_warned_about(
         with current[0]() as s:
             return str(s.scalars(select(User.name).where(User.id == user_id)).one())
 
+    seen: set[int] = set()
+    reused = 0
     for round_ in range(40):
         engine = create_engine("sqlite://")
         Base.metadata.create_all(engine)
         seed(sessionmaker(engine))
         current[:] = [sessionmaker(engine)]  # never attached
+        ids = {id(current[0].class_), id(engine)}
+        reused += bool(ids & seen)
+        seen |= ids
         caplog.clear()
         with caplog.at_level("WARNING", logger="ormcache"):
             name_of(1, round_)
@@ -354,6 +359,8 @@ def test_every_new_unattached_session_class_and_engine_is_warned_about(
         del engine, s
         gc.collect()
     cache.close()
+    # Otherwise this test proves nothing about ids (CPython reuses freed addresses).
+    assert reused, "no id was reused in 40 rounds"
 
 
 def test_deleting_an_object_loaded_by_fromcache_never_flushes_inside_a_flush(

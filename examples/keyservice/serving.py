@@ -349,8 +349,15 @@ _SECRETS = [
     (re.compile(r"(?i)(bearer)([\s:=]+)[^\s\"',;]+"), r"\1\2[redacted]"),
     (re.compile(r"(?i)(password|passwd|secret|token)=[^&\s\"']*"), r"\1=[redacted]"),
     # user:password@ in a URL, a password holding "/" and a URL missing a slash
-    # ("redis:/:pw@host") included.
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*:/*[^/:@\s]*):[^@\s]*@"), r"\1:[redacted]@"),
+    # ("redis:/:pw@host") included. Bounded, possessive, and started only where a scheme
+    # can start: an unbounded pattern backtracked quadratically on a long client-chosen
+    # path in the access log.
+    (
+        re.compile(
+            r"(?i)(?<![a-z0-9+.:-])([a-z][a-z0-9+.-]{0,31}:/{0,3}[^/:@\s]{0,256}):[^@\s]{0,256}+@"
+        ),
+        r"\1:[redacted]@",
+    ),
 ]
 
 

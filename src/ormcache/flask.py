@@ -126,7 +126,7 @@ def settings_conflict(first: Flask | None, app: Flask, applied: Settings, wanted
         if name in ("secret", "backend"):
             shown.append(name)  # never a secret's value in an error message
         elif name == "url":
-            shown.append(f"url {redact_url(str(before))} -> {redact_url(str(after))}")
+            shown.append(f"url {_shown_url(before)} -> {_shown_url(after)}")
         else:
             shown.append(f"{name} {before!r} -> {after!r}")
     owner = "another application" if first is None else f"application {first.name!r}"
@@ -137,3 +137,7 @@ def settings_conflict(first: Flask | None, app: Flask, applied: Settings, wanted
         "first application: give each application its own Cache(), or the same "
         "ORMCACHE_* settings"
     )
+
+
+def _shown_url(url: object) -> str:
+    return "unset" if url is None else redact_url(str(url))

@@ -95,6 +95,7 @@ class Guard:
         self._pay_every = pay_every
         self._payer: threading.Thread | None = None
         self._closed = False
+        self._closing = threading.Event()
         if pay_every is not None:
             _paying.add(self)
 
@@ -302,15 +303,19 @@ class Guard:
                 return
             if self._closed:
                 return
-            # The thread holds the guard weakly: a cache the application dropped (or
-            # closed) must not leave a thread retrying a backend nobody uses forever.
+            # The thread holds the guard until the debt is paid, even if the cache is
+            # dropped or reconfigured meanwhile: other processes may serve what the debt
+            # invalidates until it is. ``close()`` stops it.
             self._payer = threading.Thread(
-                target=_pay_in_background,
-                args=(weakref.ref(self), self._pay_every),
-                name="ormcache-debts",
-                daemon=True,
+                target=self._pay_in_background, name="ormcache-debts", daemon=True
             )
             self._payer.start()
+
+    def _pay_in_background(self) -> None:
+        every = max(self._pay_every or 1.0, 0.01)
+        while not self._closing.wait(every):
+            if not self._pay_once():
+                return
 
     def _pay_once(self) -> bool:
         """One background attempt; False once there is nothing left to pay."""
@@ -329,11 +334,23 @@ class Guard:
 
     def close(self) -> None:
         """The cache is closed: pay what is owed if the backend answers, then stop
-        paying (the backend's connections are about to close)."""
+        paying (the backend's connections are about to close). What stays unpaid is
+        said: other processes may serve what it invalidates until their entries expire."""
         self.pay_now()
+        self._closing.set()
         with self._owed_lock:
             self._closed = True
+            unpaid = len(self._owed) + len(self._owed_deletes) + len(self._owed_releases)
+            payer = self._payer
         _paying.discard(self)
+        if payer is not None and payer is not threading.current_thread():
+            payer.join(timeout=1.0)  # a payment under way ends before the backend closes
+        if unpaid:
+            logger.warning(
+                "ormcache: cache closed with undelivered invalidations: %d (the backend did "
+                "not answer); other processes may serve what they invalidate until it expires",
+                unpaid,
+            )
 
     def hand_over(self, heir: Guard, *, same_backend: bool) -> None:
         """Move what is owed to ``heir`` (the cache was reconfigured). Releases and
@@ -355,6 +372,10 @@ class Guard:
         held the lock when the process forked."""
         self._owed_lock = threading.Lock()
         self._payer = None
+        closing = threading.Event()
+        if self._closed:
+            closing.set()
+        self._closing = closing
         if self._owes():
             self._wake_payer()
 
@@ -492,15 +513,6 @@ class Guard:
             self.owe([NAMESPACE_TAG])
             return False
         return True
-
-
-def _pay_in_background(guard_ref: weakref.ref[Guard], every: float) -> None:
-    while True:
-        time.sleep(every)
-        guard = guard_ref()
-        if guard is None or not guard._pay_once():
-            return
-        del guard
 
 
 # Guards that pay their debts by themselves: they try once more as the process exits.

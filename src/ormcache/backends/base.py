@@ -80,17 +80,33 @@ def entry_weight(key: str, entry: Entry) -> int:
 UNREADABLE = Entry(b"\x00ormcache: this key holds no cache entry", (), ())
 
 
+def _is_scheme(text: str) -> bool:
+    """RFC 3986: a letter, then letters, digits, ``+``, ``-`` or ``.``."""
+    return (
+        text[:1].isascii()
+        and text[:1].isalpha()
+        and all(c.isascii() and (c.isalnum() or c in "+-.") for c in text)
+    )
+
+
 def redact_url(url: str) -> str:
     """The URL without its credentials, for error messages and logs: no user info, and
     no query string (``?password=``, ``?sentinel_password=``)."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    if not sep or not _is_scheme(scheme):
         # Not a URL (``redis:/:pw@host``, ``host:6379?password=pw``, a password pasted
-        # in its place): which part is a credential cannot be told, so none is shown.
+        # in its place, ``redis:/:pw@h/?next=http://x``): which part is a credential
+        # cannot be told, so none is shown.
         return "[not a URL: no scheme://]"
-    # User info first (a password may hold ? or #), then the query.
-    rest = rest.rpartition("@")[2].partition("?")[0].partition("#")[0]
-    return f"{scheme}{sep}{rest}"
+    # The host is what follows the last "@" (a password may hold "/") and comes before
+    # the query or fragment. An "@" past the first "?" or "#" is ambiguous (an "@" in
+    # the query, or a "?" in the password): nothing after the scheme is shown then.
+    at = rest.rfind("@")
+    ends = [i for i in (rest.find("?"), rest.find("#")) if i >= 0]
+    end = min(ends, default=len(rest))
+    if at > end:
+        return f"{scheme}{sep}[redacted]"
+    return f"{scheme}{sep}{rest[at + 1 : end]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ class NearTables:
         self.max_bytes = max_bytes
         self.entries: dict[str, tuple[Entry, tuple[bytes, ...], int]] = {}
         self.gens: dict[bytes, bytes] = {}
+        #: What ``gens`` holds, as counted when learned: it outlives the entries that
+        #: put it there, so it has a byte bound of its own (a quarter of ``max_bytes``).
+        self.gens_bytes = 0
         self.bytes = 0
         self.seq = 0
         self.ring: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=RING)
@@ -88,6 +91,7 @@ class NearTables:
     def reset(self) -> None:
         self.entries.clear()
         self.gens.clear()
+        self.gens_bytes = 0
         self.bytes = 0
         self.seq += 1
         self.ring.append((self.seq, _ALL))
@@ -138,10 +142,17 @@ class NearTables:
         while entries and (len(entries) >= self.max_entries or self.bytes + size > self.max_bytes):
             # Oldest first: a dict keeps insertion order.
             self._drop(next(iter(entries)))
-        if len(self.gens) + len(names) > 4 * self.max_entries:
+        names_size = sum(map(len, names)) + len(names) * 2 * OBJECT_OVERHEAD
+        if (
+            len(self.gens) + len(names) > 4 * self.max_entries
+            or self.gens_bytes + names_size > self.max_bytes // 4
+        ):
             # Generations of entries long gone: start over (entries re-check remotely).
             self.gens.clear()
+            self.gens_bytes = 0
         self.gens.update(zip(names, entry.gens))  # type: ignore[arg-type]
+        # Counted as added (a name learned again counts again): the bound errs early.
+        self.gens_bytes += names_size
         entries[key] = (entry, names, size)
         self.bytes += size
 

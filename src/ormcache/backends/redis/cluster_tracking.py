@@ -319,6 +319,7 @@ class ClusterChannel(Background):
         self._drop_poll()
         self._thread = None
         self._stop = threading.Event()
+        self._backoff = 0.0
         for member in self._members.values():
             member._forked(self.lock)
         self._listener.reset()

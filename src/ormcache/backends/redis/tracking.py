@@ -39,6 +39,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import select
 import socket
 import ssl
@@ -192,7 +193,9 @@ class Background:
             if reason != self._last_reason:
                 logger.warning("ormcache: near cache off: %s: %s", self.where, reason)
             self._last_reason = reason
-            self._backoff = min(max(2 * self._backoff, self.interval), MAX_BACKOFF)
+            # Jittered, so that the workers of a fleet do not all come back at once.
+            grown = min(max(2 * self._backoff, self.interval), MAX_BACKOFF)
+            self._backoff = grown * random.uniform(0.75, 1.25)
 
     def _setup_done(self) -> None:
         """The channel is up (lock held): the next failure starts the backoff afresh."""
@@ -331,8 +334,9 @@ class TrackingChannel(Background):
         self._unfenced += total
         if self._unfenced >= self._full or self._reader.has_data():
             # As much as the socket may hold at once since Redis last answered us (in
-            # one drain or over several), or a message cut short: Redis may hold
-            # further pushes it could not write yet.
+            # one drain or over several): Redis may hold further pushes it could not
+            # write yet. Also when hiredis holds part of a message (a cut it can see:
+            # not one that falls between elements), a cheap sign of the same.
             self.fences += 1
             self._fence()
 
@@ -587,6 +591,7 @@ class TrackingChannel(Background):
         self._close_poll()
         self._thread = None
         self._stop = threading.Event()
+        self._backoff = 0.0
         self._listener.reset()
 
 
