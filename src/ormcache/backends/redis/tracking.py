@@ -442,8 +442,11 @@ class TrackingChannel(Background):
             if left <= 0 or not self._poll.wait(left):
                 self._down("no reply to a fence PING in time")
                 return
-            if self._read_all() > 0:
-                self._apply()
+            n = self._read_all()
+            if n > 0 and self._apply():
+                # The read that held the reply counts whole: pushes may follow the reply
+                # in it (an overcount errs toward fencing).
+                self._unfenced += n
 
     # -- state -------------------------------------------------------------------------
     def _down(self, reason: str) -> None:
