@@ -572,6 +572,34 @@ def test_a_failed_entry_delete_is_owed_not_forgotten(tmp_path: Any) -> None:
         server.kill()
 
 
+def test_an_owed_delete_survives_reconfiguration(private_redis: PrivateRedis) -> None:
+    """``configure(...)`` (``init_app`` does it) builds a new backend for the same URL:
+    a delete owed to the old one named the same keys, but was dropped as if the server
+    had changed, and the entry it should have removed was served again (found by
+    review). The delete fails here because the user may not ``UNLINK`` yet: it cannot
+    arrive late, as a request sent to a hung server does."""
+    admin = private_redis.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-unlink")
+    url = f"redis://app:pw@127.0.0.1:{private_redis.port}/0"
+    cache = Cache(url, namespace="owed-delete-configure", near_cache=False)
+    version = {"n": 1}
+
+    @cache.memoize
+    def config(name: str) -> str:
+        return f"{name}-v{version['n']}"
+
+    try:
+        assert config("a") == config("a") == "a-v1"
+        version["n"] = 2
+        assert config.invalidate("a") is False  # NOPERM: owed
+        cache.configure(default_ttl=30)  # still refused: the delete stays owed
+        admin.execute_command("ACL", "SETUSER", "app", "+unlink")
+        assert [config("a") for _ in range(3)] == ["a-v2"] * 3
+    finally:
+        cache.close()
+        admin.close()
+
+
 @pytest.mark.parametrize("near_cache", [False, True], ids=["redis", "near"])
 def test_a_commit_whose_lease_was_refused_still_invalidates_once_redis_is_back(
     private_redis: PrivateRedis, db_engine: Any, near_cache: bool

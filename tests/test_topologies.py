@@ -423,6 +423,63 @@ def test_topologies_on_an_event_loop(topology_url: str, tmp_path: Path) -> None:
         sync_engine.dispose()
 
 
+def test_invalidations_on_an_event_loop_reach_every_topology(
+    topology_url: str, tmp_path: Path
+) -> None:
+    """On the event loop, a corrupt entry is deleted and the delete fenced through the
+    loop's redis.asyncio twin. On a Cluster the fence called methods the asyncio client
+    does not have (every fence failed, and failed invalidations became debts the loop
+    could never pay) and the delete queued a coroutine instead of ``UNLINK`` (nothing was
+    deleted, and nothing said so). Found by review."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from tests.models import Base
+
+    sync_engine = create_engine_for(tmp_path)
+    Base.metadata.create_all(sync_engine)
+    keys = seed(sessionmaker(sync_engine), n=1)
+    cache = Cache(topology_url, namespace="topology-aio-inval", strict=True)
+    failing = {"now": False}
+
+    async def scenario() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+        Session = async_sessionmaker(engine, expire_on_commit=False)
+        cache.attach(Session)
+
+        @cache.memoize(ttl=60)
+        async def name_of(api_key: str) -> str:
+            if failing["now"]:
+                raise RuntimeError("the recomputation fails")
+            async with Session() as s:
+                stmt = select(User).where(User.api_key_hash == key_hash(api_key))
+                return (await s.scalars(stmt)).one().name
+
+        assert await name_of(keys[0]) == "user0"
+        redis_backend: Any = getattr(cache.backend, "_inner", cache.backend)  # near or not
+        client = redis_backend.client
+        prefix = redis_backend.entry_name("")
+        [entry] = list(client.scan_iter(match=prefix.replace("{", "[{]") + "*"))
+        client.set(entry, b"not an entry")
+        failing["now"] = True
+        with pytest.raises(RuntimeError):
+            await name_of(keys[0])  # corrupt: deleted and fenced, then the call fails
+        assert not client.exists(entry), "the corrupt entry is still there"
+        await engine.dispose()
+
+    try:
+        asyncio.run(scenario())
+        stats = cache.stats()
+        assert stats.corrupt == 1
+        assert stats.errors == 0, "an invalidation on the event loop failed"
+        assert cache._core.guard.owed_deletes() == []
+    finally:
+        cache.clear()
+        cache.close()
+        sync_engine.dispose()
+
+
 def create_engine_for(tmp_path: Path) -> Any:
     from sqlalchemy import create_engine
 

@@ -191,6 +191,22 @@ class AwaitingCluster:
     def pipeline(self) -> _AwaitingClusterPipeline:
         return _AwaitingClusterPipeline(self._client.pipeline())
 
+    def ping_primaries(self) -> None:
+        """A ``PING`` to every primary, concurrently (the Cluster backend's fence: the
+        sync client's per-node connections have no asyncio counterpart here)."""
+        client = self._client
+
+        async def run() -> None:
+            await client.initialize()  # until then it knows no nodes, and would ping none
+            primaries = client.get_primaries()
+            if not primaries:
+                raise ConnectionError("the cluster reports no primary to fence")
+            await asyncio.gather(
+                *(client.execute_command("PING", target_nodes=node) for node in primaries)
+            )
+
+        await_only(run())
+
     def close(self) -> None:
         if in_bridge():
             await_only(self._client.aclose())

@@ -243,10 +243,9 @@ class Core:
         backend = self._backend(settings, self.stats)
         guard = self._guard(settings, backend)
         old_guard, old_backend = self.guard, self.backend
+        if backend is not old_backend:
+            old_guard.pay_now()  # what the old backend is owed (deletes too), if it answers
         owed = old_guard.owed_tags()
-        if owed and backend is not old_backend:
-            old_guard.usable()  # pays what the old backend is owed, if it answers now
-            owed = old_guard.owed_tags()
         if owed:
             logger.warning(
                 "ormcache: reconfigured with %d invalidation(s) not yet delivered; they are "
@@ -256,11 +255,25 @@ class Core:
         self.codec, self.backend, self.guard = codec, backend, guard
         # After the swap: a debt the old guard takes on from now is a call that was
         # under way, and it pays that itself.
-        old_guard.hand_over(guard, same_backend=backend is old_backend)
+        old_guard.hand_over(
+            guard, same_backend=backend is old_backend or _same_keys(settings, self.settings)
+        )
         self.signer = self._signer(settings)
         self._apply(settings)
         if old_backend is not backend:
             old_backend.close()
+
+
+def _same_keys(new: Settings, old: Settings) -> bool:
+    """Whether a new backend holds the keys the old one did: built for the same URL and
+    namespace (``configure(default_ttl=...)`` builds a new backend for the URL it had),
+    so that the entries and leases one names are the other's."""
+    return (
+        new.backend is None
+        and old.backend is None
+        and new.resolved_url == old.resolved_url
+        and new.namespace == old.namespace
+    )
 
 
 #: Seconds between a guard's attempts to pay its debts while nobody calls the cache.

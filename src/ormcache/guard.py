@@ -353,19 +353,25 @@ class Guard:
             )
 
     def hand_over(self, heir: Guard, *, same_backend: bool) -> None:
-        """Move what is owed to ``heir`` (the cache was reconfigured). Releases and
-        deletes go along only to the same backend; a debt this guard takes on later
-        (a call that was under way) it still pays itself."""
+        """Move what is owed to ``heir`` (the cache was reconfigured). Bumps always go
+        along; releases and deletes only to the same server and namespace, since they
+        name keys there: for another server this guard keeps them and pays them itself,
+        as it does a debt it takes on later (a call that was under way)."""
         with self._owed_lock:
             owed, self._owed = self._owed, set()
-            deletes, self._owed_deletes = self._owed_deletes, set()
-            releases, self._owed_releases = self._owed_releases, {}
+            deletes: set[str] = set()
+            releases: dict[str, tuple[str, ...]] = {}
+            if same_backend:
+                deletes, self._owed_deletes = self._owed_deletes, set()
+                releases, self._owed_releases = self._owed_releases, {}
+            held, self._held = (self._held, set()) if same_backend else (set(), self._held)
         with heir._owed_lock:
             heir._owe_locked(sorted(owed))
-            if same_backend:
-                heir._owed_deletes.update(deletes)
-                heir._owed_releases.update(releases)
+            heir._owed_deletes.update(deletes)
+            heir._owed_releases.update(releases)
+            heir._held.update(held)
         heir._wake_payer()
+        self._wake_payer()
 
     def forked(self) -> None:
         """In a forked child: the payer thread is gone, and another thread may have
@@ -463,9 +469,11 @@ class Guard:
         except BaseException:
             self.owe(tags)  # interrupted: see bump()
             raise
-        self._delivered()
         with self._owed_lock:
+            # Before anything that may be interrupted (a payment awaited on the loop):
+            # a lease taken is a lease to release, or to owe the release of.
             self._held.add(token)
+        self._delivered()
 
     def release_lease(self, tags: Sequence[str], token: str) -> None:
         self.stats.incr("invalidations")

@@ -207,6 +207,10 @@ class RedisClusterBackend(RedisCore):
         """A ``PING`` to every primary, all sent before any reply is read (one round
         trip): an invalidation may have bumped keys on any of them, and each node orders
         only its own pushes before its own later replies."""
+        ping_primaries = getattr(self.client, "ping_primaries", None)
+        if ping_primaries is not None:  # the event loop's twin (ormcache.aio)
+            self._run("fence", ping_primaries)
+            return
 
         def run() -> None:
             client = self.client
@@ -341,7 +345,11 @@ class RedisClusterBackend(RedisCore):
 
     def delete(self, keys: Sequence[str]) -> None:
         if keys:
-            self._batch("delete", lambda pipe: [pipe.unlink(self._e + k) for k in keys])
+            # execute_command, not pipe.unlink: redis.asyncio's cluster pipeline defines
+            # unlink as a coroutine (it splits keys by slot), which queued nothing there.
+            self._batch(
+                "delete", lambda pipe: [pipe.execute_command("UNLINK", self._e + k) for k in keys]
+            )
 
     def bump(self, tags: Sequence[str]) -> None:
         if tags:
