@@ -537,6 +537,17 @@ def test_a_caller_can_know_that_an_invalidation_failed(
     cache.close()
 
 
+def versioned_config(cache: Cache) -> tuple[Any, dict[str, int]]:
+    """A memoized setting, ``name-v<n>``, and the ``n`` a test changes behind its back."""
+    version = {"n": 1}
+
+    @cache.memoize
+    def config(name: str) -> str:
+        return f"{name}-v{version['n']}"
+
+    return config, version
+
+
 def test_a_failed_entry_delete_is_owed_not_forgotten(tmp_path: Any) -> None:
     """``fn.invalidate(x)`` during an outage returned nothing and forgot the delete: once
     Redis came back with its data, this process served the entry it had been told to
@@ -550,12 +561,7 @@ def test_a_failed_entry_delete_is_owed_not_forgotten(tmp_path: Any) -> None:
         connect_timeout=TIMEOUT,
         breaker_cooldown=0.05,
     )
-    version = {"n": 1}
-
-    @cache.memoize
-    def config(name: str) -> str:
-        return f"{name}-v{version['n']}"
-
+    config, version = versioned_config(cache)
     try:
         assert config("a") == config("a") == "a-v1"
         assert cache.stats().hits == 1
@@ -582,12 +588,7 @@ def test_an_owed_delete_survives_reconfiguration(private_redis: PrivateRedis) ->
     admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-unlink")
     url = f"redis://app:pw@127.0.0.1:{private_redis.port}/0"
     cache = Cache(url, namespace="owed-delete-configure", near_cache=False)
-    version = {"n": 1}
-
-    @cache.memoize
-    def config(name: str) -> str:
-        return f"{name}-v{version['n']}"
-
+    config, version = versioned_config(cache)
     try:
         assert config("a") == config("a") == "a-v1"
         version["n"] = 2

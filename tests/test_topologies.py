@@ -380,8 +380,6 @@ def test_topologies_on_an_event_loop(topology_url: str, tmp_path: Path) -> None:
     Cluster, and the sync client never opens a connection."""
     import asyncio
 
-    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-
     from tests.models import Base
 
     sync_engine = create_engine_for(tmp_path)
@@ -390,16 +388,7 @@ def test_topologies_on_an_event_loop(topology_url: str, tmp_path: Path) -> None:
     cache = Cache(topology_url, namespace="topology-aio", strict=True)
 
     async def scenario() -> None:
-        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
-        Session = async_sessionmaker(engine, expire_on_commit=False)
-        cache.attach(Session)
-
-        @cache.memoize(ttl=60)
-        async def name_of(api_key: str) -> str:
-            async with Session() as s:
-                stmt = select(User).where(User.api_key_hash == key_hash(api_key))
-                return (await s.scalars(stmt)).one().name
-
+        engine, Session, name_of = async_lookup(cache, tmp_path)
         assert await name_of(keys[0]) == "user0"
         assert await name_of(keys[0]) == "user0"
         async with Session() as s:
@@ -433,8 +422,6 @@ def test_invalidations_on_an_event_loop_reach_every_topology(
     deleted, and nothing said so). Found by review."""
     import asyncio
 
-    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-
     from tests.models import Base
 
     sync_engine = create_engine_for(tmp_path)
@@ -444,18 +431,7 @@ def test_invalidations_on_an_event_loop_reach_every_topology(
     failing = {"now": False}
 
     async def scenario() -> None:
-        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
-        Session = async_sessionmaker(engine, expire_on_commit=False)
-        cache.attach(Session)
-
-        @cache.memoize(ttl=60)
-        async def name_of(api_key: str) -> str:
-            if failing["now"]:
-                raise RuntimeError("the recomputation fails")
-            async with Session() as s:
-                stmt = select(User).where(User.api_key_hash == key_hash(api_key))
-                return (await s.scalars(stmt)).one().name
-
+        engine, _Session, name_of = async_lookup(cache, tmp_path, failing)
         assert await name_of(keys[0]) == "user0"
         redis_backend: Any = getattr(cache.backend, "_inner", cache.backend)  # near or not
         client = redis_backend.client
@@ -478,6 +454,28 @@ def test_invalidations_on_an_event_loop_reach_every_topology(
         cache.clear()
         cache.close()
         sync_engine.dispose()
+
+
+def async_lookup(
+    cache: Cache, tmp_path: Path, failing: dict[str, bool] | None = None
+) -> tuple[Any, Any, Any]:
+    """An async engine on the test's SQLite file, its attached sessionmaker, and an
+    async memoized lookup by API key (that raises while ``failing["now"]``)."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    Session = async_sessionmaker(engine, expire_on_commit=False)
+    cache.attach(Session)
+
+    @cache.memoize(ttl=60)
+    async def name_of(api_key: str) -> str:
+        if failing is not None and failing["now"]:
+            raise RuntimeError("the recomputation fails")
+        async with Session() as s:
+            stmt = select(User).where(User.api_key_hash == key_hash(api_key))
+            return str((await s.scalars(stmt)).one().name)
+
+    return engine, Session, name_of
 
 
 def create_engine_for(tmp_path: Path) -> Any:
