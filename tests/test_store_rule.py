@@ -245,6 +245,24 @@ def test_core_on_an_autocommit_connection_is_seen(world: dict[str, Any]) -> None
     assert truth(world) == "auto2"
 
 
+def test_a_failed_autocommit_statement_releases_its_lease(world: dict[str, Any]) -> None:
+    """An autocommit statement takes a lease before it runs and releases it after; one
+    that raised got no ``after_cursor_execute``, so its lease stayed until it expired
+    and every store on its tags was refused meanwhile (found by review)."""
+    from sqlalchemy.exc import IntegrityError
+
+    cache: Cache = world["cache"]
+    users = User.__table__
+    auto = world["engine"].execution_options(isolation_level="AUTOCOMMIT")
+    with auto.connect() as conn, pytest.raises(IntegrityError):
+        conn.execute(update(users).where(users.c.id == 1).values(id=2))  # id 2 exists
+    hits = cache.stats().hits
+    for _ in range(2):  # a miss that stores, then a hit
+        with world["Session"]() as s:
+            assert cached_name(s) == truth(world)
+    assert cache.stats().hits == hits + 1, "the store was refused: the lease is still held"
+
+
 # -- values the call did not read from the database --------------------------------------
 def test_memoize_over_the_identity_map_is_not_stored(world: dict[str, Any]) -> None:
     """``scoped.get(User, 1).name`` with the user already in the session: no query runs,

@@ -90,7 +90,13 @@ class EngineWatch:
         self.wiring.forget(self)
 
     def install(self, engine: Engine) -> None:
-        for name in ("before_cursor_execute", "after_cursor_execute", "begin", "commit"):
+        for name in (
+            "before_cursor_execute",
+            "after_cursor_execute",
+            "handle_error",
+            "begin",
+            "commit",
+        ):
             self._listen(engine, False, name, getattr(self, name))
         self._listen(engine, False, "rollback", self.rollback)
         self._listen(engine, True, "checkin", self.checkin)
@@ -215,6 +221,17 @@ class EngineWatch:
         context: Any,
         executemany: bool,
     ) -> None:
+        leased = getattr(context, "_ormcache_autocommit", None)
+        if leased is not None:
+            context._ormcache_autocommit = None
+            self.core.guard.release_lease(*leased)
+
+    def handle_error(self, exception_context: Any) -> None:
+        """An autocommit statement that raised (or was cancelled) gets no
+        ``after_cursor_execute``: its lease is released here, with its bump, since the
+        server may have applied it anyway (a driver error after the write, a cancelled
+        await); else stores on its tags stay refused until the lease expires."""
+        context = exception_context.execution_context
         leased = getattr(context, "_ormcache_autocommit", None)
         if leased is not None:
             context._ormcache_autocommit = None
