@@ -276,6 +276,32 @@ async def test_stale_while_revalidate_refreshes_on_the_loop(
     assert cache.stats().stale_hits == 1
 
 
+async def test_a_background_refresh_runs_in_a_context_of_its_own(
+    cache: Cache, aengine: AsyncEngine
+) -> None:
+    """The refresh task ran in a copy of the caller's context: what the caller had set
+    (its request's variables, the reads of computations enclosing it) was the refresh's
+    too, unlike a refresh on a worker thread (found by review)."""
+    import contextvars
+
+    request: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+    seen: list[str] = []
+
+    @cache.memoize(ttl=0.2, stale_ttl=30)
+    async def value() -> int:
+        seen.append(request.get())
+        return len(seen)
+
+    assert await value() == 1
+    await asyncio.sleep(0.3)
+    request.set("caller")
+    assert await value() == 1  # stale: a refresh task starts
+    deadline = time.monotonic() + 3
+    while len(seen) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert seen == ["none", "none"], "the refresh saw the caller's context"
+
+
 async def test_async_memoize_merges_hits_into_an_async_session(
     cache: Cache, aengine: AsyncEngine
 ) -> None:

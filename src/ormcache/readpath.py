@@ -25,6 +25,7 @@ that makes the result trustworthy happens here, once:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
@@ -440,11 +441,14 @@ class ReadPath:
             self._refreshing.add(key)
         if in_bridge():
             # An async caller: the refresh is a task of its event loop, like the call
-            # itself, never a thread (which has no loop to await on).
+            # itself, never a thread (which has no loop to await on). In a context of
+            # its own, as on a worker thread: the caller's (its enclosing computations'
+            # reads, its session variables) is not the refresh's to use.
             import asyncio
 
-            task = asyncio.get_running_loop().create_task(
-                greenlet_spawn(self._refresh, recipe, key, call)
+            loop = asyncio.get_running_loop()
+            task = contextvars.Context().run(
+                loop.create_task, greenlet_spawn(self._refresh, recipe, key, call)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
