@@ -94,7 +94,7 @@ class Guard:
         # ``pay_every`` seconds while any are owed (see _wake_payer).
         self._pay_every = pay_every
         self._payer: threading.Thread | None = None
-        self._closed = False
+        # Set by close(): the payer stops, and no new one starts.
         self._closing = threading.Event()
         if pay_every is not None:
             _paying.add(self)
@@ -301,7 +301,7 @@ class Guard:
             payer = self._payer
             if payer is not None and payer.is_alive():  # not alive: gone, or a fork's copy
                 return
-            if self._closed:
+            if self._closing.is_set():
                 return
             # The thread holds the guard until the debt is paid, even if the cache is
             # dropped or reconfigured meanwhile: other processes may serve what the debt
@@ -320,7 +320,7 @@ class Guard:
     def _pay_once(self) -> bool:
         """One background attempt; False once there is nothing left to pay."""
         with self._owed_lock:
-            if self._closed or not self._owes():
+            if self._closing.is_set() or not self._owes():
                 self._payer = None
                 return False
         # Tried whatever the breaker says: this thread serves no request, so waiting on a
@@ -339,7 +339,6 @@ class Guard:
         self.pay_now()
         self._closing.set()
         with self._owed_lock:
-            self._closed = True
             unpaid = len(self._owed) + len(self._owed_deletes) + len(self._owed_releases)
             payer = self._payer
         _paying.discard(self)
@@ -379,7 +378,7 @@ class Guard:
         self._owed_lock = threading.Lock()
         self._payer = None
         closing = threading.Event()
-        if self._closed:
+        if self._closing.is_set():
             closing.set()
         self._closing = closing
         if self._owes():

@@ -133,8 +133,8 @@ class NearTables:
         # The entry's tags and our generation names for them count too (an entry with
         # many long row or partition tags can weigh more in them than in its payload),
         # and each name again in ``gens``.
-        size = entry_weight(key, entry) + sum(map(len, names)) * 2
-        size += len(names) * 2 * OBJECT_OVERHEAD
+        names_size = sum(map(len, names)) + len(names) * 2 * OBJECT_OVERHEAD
+        size = entry_weight(key, entry) + names_size + sum(map(len, names))
         if size > self.max_bytes:
             return
         self._drop(key)
@@ -142,7 +142,6 @@ class NearTables:
         while entries and (len(entries) >= self.max_entries or self.bytes + size > self.max_bytes):
             # Oldest first: a dict keeps insertion order.
             self._drop(next(iter(entries)))
-        names_size = sum(map(len, names)) + len(names) * 2 * OBJECT_OVERHEAD
         if (
             len(self.gens) + len(names) > 4 * self.max_entries
             or self.gens_bytes + names_size > self.max_bytes // 4

@@ -221,17 +221,17 @@ class EngineWatch:
         context: Any,
         executemany: bool,
     ) -> None:
-        leased = getattr(context, "_ormcache_autocommit", None)
-        if leased is not None:
-            context._ormcache_autocommit = None
-            self.core.guard.release_lease(*leased)
+        self._release_autocommit(context)
 
     def handle_error(self, exception_context: Any) -> None:
         """An autocommit statement that raised (or was cancelled) gets no
         ``after_cursor_execute``: its lease is released here, with its bump, since the
         server may have applied it anyway (a driver error after the write, a cancelled
         await); else stores on its tags stay refused until the lease expires."""
-        context = exception_context.execution_context
+        self._release_autocommit(exception_context.execution_context)
+
+    def _release_autocommit(self, context: Any) -> None:
+        """Release the lease an autocommit statement took in ``_written``, once."""
         leased = getattr(context, "_ormcache_autocommit", None)
         if leased is not None:
             context._ormcache_autocommit = None
